@@ -1,0 +1,3 @@
+"""gpd_ds: Gap Preserving Distillation on DeepSpeed."""
+
+__version__ = "0.1.0"
