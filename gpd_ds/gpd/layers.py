@@ -1,0 +1,405 @@
+"""Width-sliceable layers of the dynamic teacher.
+
+Every layer here holds the dynamic teacher's (wide) tensors and runs in one of two modes:
+
+* ``teacher``: the full width, with the rescalings of the IR rules (gpd_method.md 2.3-2.4);
+* ``student``: the student slice of the same tensors (the first ``1/r`` of every widened dimension),
+  times ``r`` where IR divided by ``r``. Nothing is copied: the student has no parameters of its own.
+
+Channel layout is replica-major: student channel ``c`` of replica ``p`` sits at ``p * C + c``.
+
+The mode is set by :meth:`gpd_ds.gpd.model.GPDModel.forward` for the duration of one call
+(:func:`mode_scope`); calling a wide layer outside that scope is an error, never a silent default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+STUDENT = "student"
+TEACHER = "teacher"
+MODES = (STUDENT, TEACHER)
+
+
+class _ModeState:
+    current: str | None = None
+
+
+_STATE = _ModeState()
+
+
+@contextlib.contextmanager
+def mode_scope(mode: str) -> Iterator[None]:
+    """Run the wide layers in ``mode`` inside this block (restored on exit, also on error)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not a GPD mode; use one of {MODES}")
+    previous = _STATE.current
+    _STATE.current = mode
+    try:
+        yield
+    finally:
+        _STATE.current = previous
+
+
+def current_mode() -> str:
+    mode = _STATE.current
+    if mode is None:
+        raise RuntimeError(
+            "a GPD wide layer was called outside GPDModel.forward(x, mode=...); call the GPDModel, "
+            "not its inner network, so that the mode is explicit"
+        )
+    return mode
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """How one wide tensor relates to the student's tensor.
+
+    dims: the widened dimensions (replica-major tiling along each).
+    scaled: IR divided the tensor by r, so the student view multiplies its slice by r.
+    noisy: IR adds symmetry-breaking noise to it (outside the student slice).
+    """
+
+    dims: tuple[int, ...]
+    scaled: bool
+    noisy: bool = True
+
+
+def widen(t: Tensor, spec: TensorSpec, r: int) -> Tensor:
+    """IR of one tensor: tile r times along ``spec.dims`` (replica-major), divide by r if scaled."""
+    for d in spec.dims:
+        t = torch.cat([t] * r, dim=d)
+    return t / r if spec.scaled else t.clone()
+
+
+def narrow(t: Tensor, spec: TensorSpec, r: int) -> Tensor:
+    """The student slice of a wide tensor (a view; no scaling)."""
+    for d in spec.dims:
+        t = t.narrow(d, 0, t.shape[d] // r)
+    return t
+
+
+class WideModule(nn.Module):
+    """Base of every dynamic-teacher layer: wide tensors plus their :class:`TensorSpec`."""
+
+    def __init__(self, width_ratio: int) -> None:
+        super().__init__()
+        self.width_ratio = width_ratio
+        self.specs: dict[str, TensorSpec] = {}
+
+    def register_wide(self, name: str, student_tensor: Tensor | None, spec: TensorSpec,
+                      buffer: bool = False) -> None:
+        """Register the IR-initialised wide copy of ``student_tensor`` as a parameter (or buffer)."""
+        if student_tensor is None:
+            self.register_parameter(name, None)
+            return
+        self.specs[name] = spec
+        wide = widen(student_tensor.detach().float(), spec, self.width_ratio)
+        if buffer:
+            self.register_buffer(name, wide)
+        else:
+            self.register_parameter(name, nn.Parameter(wide))
+
+    def student_tensor(self, name: str) -> Tensor | None:
+        """The student's value of a wide tensor: its slice, times r where IR divided by r."""
+        wide = getattr(self, name)
+        if wide is None:
+            return None
+        spec = self.specs[name]
+        view = narrow(wide, spec, self.width_ratio)
+        return view * self.width_ratio if spec.scaled else view
+
+    @torch.no_grad()
+    def add_noise(self, std: float) -> None:
+        """Add N(0, std^2) to every noisy wide tensor outside its student slice.
+
+        The student slice is left untouched so the student view stays bit-identical to the source
+        student; the replicas still differ, which is all the noise is for (gpd_method.md 2.5).
+        """
+        for name, spec in self.specs.items():
+            wide = getattr(self, name)
+            if not spec.noisy or not spec.dims or not isinstance(wide, nn.Parameter):
+                continue
+            noise = torch.randn_like(wide) * std
+            narrow(noise, spec, self.width_ratio).zero_()
+            wide.add_(noise)
+
+    def student_state(self) -> dict[str, Tensor]:
+        """The plain student layer's state dict (same keys as the module this layer replaced)."""
+        return {name: self.student_tensor(name).detach().clone() for name in self.specs}
+
+
+def _dense_specs(in_expanded: bool, out_expanded: bool, grouped: bool) -> tuple[TensorSpec, TensorSpec]:
+    """Specs of (weight, bias) of a conv or linear layer, weight laid out [out, in, ...].
+
+    Dense (rule A/B/C): tile expanded dims, divide by r iff the output is widened.
+    Grouped/depthwise (rule D): tile the output dim only, never divide (the forward rescales instead).
+    """
+    if grouped:
+        return TensorSpec((0,), scaled=False), TensorSpec((0,), scaled=False)
+    dims = tuple(d for d, widened in ((0, out_expanded), (1, in_expanded)) if widened)
+    bias_dims = (0,) if out_expanded else ()
+    return TensorSpec(dims, scaled=out_expanded), TensorSpec(bias_dims, scaled=out_expanded)
+
+
+class WideConv2d(WideModule):
+    """Conv2d of the dynamic teacher (rules A, B and D).
+
+    Teacher mode: a dense conv runs as is; a grouped conv runs with ``r * groups`` groups and its
+    bias divided by r, which equals ``conv(r * x) / r`` without the two extra passes.
+    """
+
+    def __init__(self, conv: nn.Conv2d, width_ratio: int, in_expanded: bool, out_expanded: bool) -> None:
+        super().__init__(width_ratio)
+        self.copy_geometry(conv)
+        w_spec, b_spec = _dense_specs(in_expanded, out_expanded, self.grouped)
+        self.register_wide("weight", conv.weight, w_spec)
+        self.register_wide("bias", conv.bias, b_spec)
+
+    def copy_geometry(self, conv: nn.Conv2d) -> None:
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation, self.groups = conv.padding, conv.dilation, conv.groups
+        self.grouped = conv.groups > 1
+
+    def conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, mode: str) -> Tensor:
+        groups = self.groups
+        if mode == TEACHER and self.grouped:
+            groups *= self.width_ratio
+            bias = None if bias is None else bias / self.width_ratio
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mode = current_mode()
+        if mode == TEACHER:
+            return self.conv(x, self.weight, self.bias, mode)
+        return self.conv(x, self.student_tensor("weight"), self.student_tensor("bias"), mode)
+
+    def extra_repr(self) -> str:
+        return (f"student={self.in_channels}->{self.out_channels}, k={self.kernel_size}, s={self.stride}, "
+                f"groups={self.groups}, r={self.width_ratio}")
+
+
+class WideLinear(WideModule):
+    """Linear of the dynamic teacher (rules A, B, C); no correction needed in either mode."""
+
+    def __init__(self, linear: nn.Linear, width_ratio: int, in_expanded: bool, out_expanded: bool) -> None:
+        super().__init__(width_ratio)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w_spec, b_spec = _dense_specs(in_expanded, out_expanded, grouped=False)
+        self.register_wide("weight", linear.weight, w_spec)
+        self.register_wide("bias", linear.bias, b_spec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if current_mode() == TEACHER:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.student_tensor("weight"), self.student_tensor("bias"))
+
+    def extra_repr(self) -> str:
+        return f"student={self.in_features}->{self.out_features}, r={self.width_ratio}"
+
+
+_AFFINE = TensorSpec((0,), scaled=False)
+
+
+class WideBatchNorm2d(WideModule):
+    """BatchNorm2d (and timm BatchNormAct2d) of the dynamic teacher (rule E).
+
+    The affine is shared; running statistics are separate per mode. Teacher mode computes
+    ``BN(r * x) / r`` as ``BN(x)`` with eps / r^2 and affine / r, which is the same number with no
+    extra passes; its running stats therefore live at the teacher's scale (the student's divided by
+    r, variance by r^2). Student mode reads and updates only the ``student_*`` buffers.
+    ``act`` and ``drop`` (from BatchNormAct2d) run after the norm; ``act`` is itself converted.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d, width_ratio: int, act: nn.Module | None = None,
+                 drop: nn.Module | None = None) -> None:
+        super().__init__(width_ratio)
+        r = width_ratio
+        self.num_features, self.eps, self.momentum = bn.num_features, bn.eps, bn.momentum
+        self.track_running_stats = bn.track_running_stats
+        self.register_wide("weight", bn.weight, _AFFINE)
+        self.register_wide("bias", bn.bias, _AFFINE)
+        if bn.track_running_stats:
+            mean, var = bn.running_mean.detach().float(), bn.running_var.detach().float()
+            self.register_buffer("running_mean", mean.repeat(r) / r)
+            self.register_buffer("running_var", var.repeat(r) / r**2)
+            self.register_buffer("num_batches_tracked", bn.num_batches_tracked.detach().clone())
+            self.register_buffer("student_running_mean", mean.clone())
+            self.register_buffer("student_running_var", var.clone())
+            self.register_buffer("student_num_batches_tracked", bn.num_batches_tracked.detach().clone())
+        else:
+            for name in ("running_mean", "running_var", "num_batches_tracked", "student_running_mean",
+                         "student_running_var", "student_num_batches_tracked"):
+                self.register_buffer(name, None)
+        self.drop = drop
+        self.act = act
+
+    def _norm(self, x: Tensor, mean: Tensor | None, var: Tensor | None, count: Tensor | None,
+              weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            count.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(count)
+        use_batch_stats = self.training or mean is None
+        update = not self.training or self.track_running_stats
+        return F.batch_norm(x, mean if update else None, var if update else None, weight, bias,
+                            use_batch_stats, factor, eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = self.width_ratio
+        if current_mode() == TEACHER:
+            weight = None if self.weight is None else self.weight / r
+            bias = None if self.bias is None else self.bias / r
+            x = self._norm(x, self.running_mean, self.running_var, self.num_batches_tracked, weight, bias,
+                           self.eps / r**2)
+        else:
+            x = self._norm(x, self.student_running_mean, self.student_running_var,
+                           self.student_num_batches_tracked, self.student_tensor("weight"),
+                           self.student_tensor("bias"), self.eps)
+        if self.drop is not None:
+            x = self.drop(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x
+
+    def student_state(self) -> dict[str, Tensor]:
+        state = super().student_state()
+        if self.track_running_stats:
+            state["running_mean"] = self.student_running_mean.detach().clone()
+            state["running_var"] = self.student_running_var.detach().clone()
+            state["num_batches_tracked"] = self.student_num_batches_tracked.detach().clone()
+        return state
+
+    def extra_repr(self) -> str:
+        return f"student={self.num_features}, eps={self.eps}, r={self.width_ratio}"
+
+
+class WideLayerNorm(WideModule):
+    """LayerNorm over channels (rule F): ``LN(r * x) / r`` computed as LN with eps / r^2, affine / r.
+
+    ``channels_first`` handles timm's LayerNorm2d (NCHW input, normalised over C).
+    """
+
+    def __init__(self, ln: nn.LayerNorm, width_ratio: int, channels_first: bool) -> None:
+        super().__init__(width_ratio)
+        (self.num_features,) = ln.normalized_shape
+        self.eps, self.channels_first = ln.eps, channels_first
+        self.register_wide("weight", ln.weight, _AFFINE)
+        self.register_wide("bias", ln.bias, _AFFINE)
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = self.width_ratio
+        if current_mode() == TEACHER:
+            weight = None if self.weight is None else self.weight / r
+            bias = None if self.bias is None else self.bias / r
+            width, eps = self.num_features * r, self.eps / r**2
+        else:
+            weight, bias = self.student_tensor("weight"), self.student_tensor("bias")
+            width, eps = self.num_features, self.eps
+        if self.channels_first:
+            x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, (width,), weight, bias, eps)
+        return x.permute(0, 3, 1, 2) if self.channels_first else x
+
+    def extra_repr(self) -> str:
+        return f"student={self.num_features}, eps={self.eps}, channels_first={self.channels_first}"
+
+
+class WideActivation(nn.Module):
+    """A non-homogeneous activation (rule G'): ``act(r * x) / r`` in teacher mode.
+
+    ``gate=True`` is for a multiplicative gate (squeeze-excite): its output multiplies an activation
+    that already carries the 1/r, so the gate itself must stay at scale 1: ``act(r * x)``.
+    """
+
+    def __init__(self, act: nn.Module, width_ratio: int, gate: bool = False) -> None:
+        super().__init__()
+        self.act, self.width_ratio, self.gate = act, width_ratio, gate
+
+    def forward(self, x: Tensor) -> Tensor:
+        if current_mode() == STUDENT:
+            return self.act(x)
+        y = self.act(x * self.width_ratio)
+        return y if self.gate else y / self.width_ratio
+
+    def extra_repr(self) -> str:
+        return f"gate={self.gate}, r={self.width_ratio}"
+
+
+class WideScale(WideModule):
+    """Per-channel multiplicative scale, e.g. timm LayerScale (rule J): replicated, never scaled."""
+
+    def __init__(self, gamma: Tensor, width_ratio: int, channels_first: bool, inplace: bool = False) -> None:
+        super().__init__(width_ratio)
+        self.channels_first, self.inplace = channels_first, inplace
+        self.register_wide("gamma", gamma, TensorSpec((0,), scaled=False, noisy=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        gamma = self.gamma if current_mode() == TEACHER else self.student_tensor("gamma")
+        if self.channels_first:
+            gamma = gamma.view(1, -1, 1, 1)
+        return x.mul_(gamma) if self.inplace else x * gamma
+
+
+class WideAttention(nn.Module):
+    """Multi-head self-attention of the dynamic teacher (gpd_method.md 4.2).
+
+    ``qkv`` and ``proj`` are :class:`WideLinear` (rule A), so the wide qkv output is laid out
+    ``[q, k, v]`` per replica, each 1/r of the student's. Teacher mode gathers the replicas into
+    ``r * H`` heads of the same head dim and folds the needed ``r * r`` on ``q @ k^T`` into the
+    softmax scale; the head outputs stay 1/r, as the invariant wants.
+    """
+
+    def __init__(self, qkv: WideLinear, proj: WideLinear, num_heads: int, head_dim: int, width_ratio: int,
+                 attn_drop: nn.Dropout, proj_drop: nn.Module) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.attn_drop, self.proj_drop = qkv, proj, attn_drop, proj_drop
+        self.num_heads, self.head_dim, self.width_ratio = num_heads, head_dim, width_ratio
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        batch, tokens, _ = x.shape
+        scale = self.head_dim**-0.5
+        qkv = self.qkv(x)
+        if current_mode() == TEACHER:
+            r = self.width_ratio
+            # (B, N, r, 3, H, d) -> (3, B, r*H, N, d): head index p*H + h stays replica-major
+            qkv = qkv.reshape(batch, tokens, r, 3, self.num_heads, self.head_dim).permute(3, 0, 2, 4, 1, 5)
+            qkv = qkv.reshape(3, batch, r * self.num_heads, tokens, self.head_dim)
+            scale *= r * r
+        else:
+            qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        dropout = self.attn_drop.p if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
+                                           is_causal=is_causal, scale=scale)
+        x = x.transpose(1, 2).reshape(batch, tokens, -1)
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        return f"student_heads={self.num_heads}, head_dim={self.head_dim}, r={self.width_ratio}"
+
+
+class StudentView(nn.Module):
+    """Parametrization for a raw parameter of a container module (pos_embed, cls_token, gamma...).
+
+    Registered with ``torch.nn.utils.parametrize`` so the owning module's own forward reads the wide
+    tensor in teacher mode and the (scaled) student slice in student mode.
+    """
+
+    def __init__(self, spec: TensorSpec, width_ratio: int) -> None:
+        super().__init__()
+        self.spec, self.width_ratio = spec, width_ratio
+
+    def forward(self, wide: Tensor) -> Tensor:
+        if current_mode() == TEACHER:
+            return wide
+        view = narrow(wide, self.spec, self.width_ratio)
+        return view * self.width_ratio if self.spec.scaled else view
