@@ -1,0 +1,354 @@
+"""Inverse Reparameterization (IR): build the dynamic teacher from a student.
+
+One walker plus small per-layer converters. The walker copies the student, finds its first layers
+(those fed by the image) and its classifier (whose output is the logits) with one traced forward,
+replaces every supported leaf module by its wide twin (children before parents, so a container
+converter such as attention sees already-widened children), wraps the raw parameters of known
+containers (position embeddings, class tokens, layer-scale gammas) in a student-view
+parametrization, and finally checks the result numerically: the dynamic teacher and the student
+view must compute the source student's function.
+
+Adding a family is usually a line in one of the tables below; a module the tables do not know
+raises :class:`UnsupportedModelError` naming its path and type.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import timm.layers
+import timm.models.convnext
+import timm.models.deit
+import timm.models.vision_transformer
+import torch
+from timm.models._efficientnet_blocks import SqueezeExcite
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from gpd_ds.gpd.branches import WideBranchConv2d, is_eligible
+from gpd_ds.gpd.layers import (
+    STUDENT,
+    TEACHER,
+    StudentView,
+    TensorSpec,
+    WideActivation,
+    WideAttention,
+    WideBatchNorm2d,
+    WideConv2d,
+    WideLayerNorm,
+    WideLinear,
+    WideModule,
+    WideScale,
+    narrow,
+    widen,
+)
+from gpd_ds.gpd.model import GPDModel
+
+
+class UnsupportedModelError(ValueError):
+    """The student contains a module IR has no rule for."""
+
+
+class IRCheckError(RuntimeError):
+    """The dynamic teacher built by IR does not compute the student's function."""
+
+
+@dataclass
+class _Walk:
+    width_ratio: int
+    first_layers: set[str]
+    classifiers: set[str]
+    branches: bool
+    pretrained_student: bool
+    gates: set[str] = field(default_factory=set)
+
+
+# Leaf modules that commute with the 1/r scaling of the invariant (positively homogeneous or linear).
+PASSTHROUGH = (
+    nn.Identity, nn.ReLU, nn.LeakyReLU, nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, timm.layers.DropPath,
+    timm.layers.adaptive_avgmax_pool.FastAdaptiveAvgPool, timm.layers.adaptive_avgmax_pool.FastAdaptiveMaxPool,
+    timm.layers.adaptive_avgmax_pool.AdaptiveAvgMaxPool2d, timm.layers.adaptive_avgmax_pool.FastAdaptiveAvgMaxPool,
+)
+
+# Activations that are not homogeneous: rule G' (act(r x) / r in teacher mode).
+ACTIVATIONS = (
+    nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.ELU,
+    nn.Softplus, timm.layers.activations.GELU, timm.layers.activations.GELUTanh,
+    timm.layers.activations.QuickGELU, timm.layers.activations.Swish, timm.layers.activations.Sigmoid,
+    timm.layers.activations.Tanh, timm.layers.activations.HardSwish, timm.layers.activations.HardSigmoid,
+    timm.layers.activations.Mish, timm.layers.activations.HardMish,
+)
+
+# Containers whose child `gate` multiplies an activation: the gate stays at scale 1.
+GATED = (SqueezeExcite, timm.layers.SqueezeExcite)
+
+_ADDITIVE = TensorSpec((2,), scaled=True)  # rule K: [1, N, C] tokens/embeddings enter at scale 1/r
+_CHANNEL_SCALE = TensorSpec((0,), scaled=False, noisy=False)  # rule J
+
+# Raw parameters of containers, by exact class: name -> rule.
+RAW_PARAMETERS: dict[type, dict[str, TensorSpec]] = {
+    timm.models.vision_transformer.VisionTransformer: {
+        "cls_token": _ADDITIVE, "reg_token": _ADDITIVE, "pos_embed": _ADDITIVE},
+    timm.models.deit.VisionTransformerDistilled: {
+        "cls_token": _ADDITIVE, "reg_token": _ADDITIVE, "pos_embed": _ADDITIVE, "dist_token": _ADDITIVE},
+    timm.models.convnext.ConvNeXtBlock: {"gamma": _CHANNEL_SCALE},
+}
+
+
+def _convert_conv(m: nn.Conv2d, path: str, walk: _Walk) -> nn.Module:
+    if m.padding_mode != "zeros":
+        raise UnsupportedModelError(f"{path}: Conv2d with padding_mode={m.padding_mode!r}; only 'zeros' is "
+                                    "supported")
+    in_expanded, out_expanded = path not in walk.first_layers, path not in walk.classifiers
+    if m.groups > 1 and not (in_expanded and out_expanded):
+        raise UnsupportedModelError(f"{path}: a grouped conv reading the image or producing the logits")
+    if walk.branches and is_eligible(m):
+        return WideBranchConv2d(m, walk.width_ratio, in_expanded, out_expanded, walk.pretrained_student)
+    return WideConv2d(m, walk.width_ratio, in_expanded, out_expanded)
+
+
+def _convert_linear(m: nn.Linear, path: str, walk: _Walk) -> nn.Module:
+    return WideLinear(m, walk.width_ratio, path not in walk.first_layers, path not in walk.classifiers)
+
+
+def _convert_batchnorm(m: nn.BatchNorm2d, path: str, walk: _Walk) -> nn.Module:
+    return WideBatchNorm2d(m, walk.width_ratio, act=getattr(m, "act", None), drop=getattr(m, "drop", None))
+
+
+def _convert_layernorm(channels_first: bool) -> Callable[[nn.LayerNorm, str, _Walk], nn.Module]:
+    def convert(m: nn.LayerNorm, path: str, walk: _Walk) -> nn.Module:
+        if len(m.normalized_shape) != 1:
+            raise UnsupportedModelError(f"{path}: LayerNorm over {m.normalized_shape}; only 1-D is supported")
+        return WideLayerNorm(m, walk.width_ratio, channels_first)
+    return convert
+
+
+def _convert_attention(m: timm.layers.Attention, path: str, walk: _Walk) -> nn.Module:
+    extras = {"q_norm": m.q_norm, "k_norm": m.k_norm, "norm": m.norm}
+    unsupported = [n for n, e in extras.items() if not isinstance(e, nn.Identity)]
+    if unsupported or getattr(m, "gate", None) is not None:
+        raise UnsupportedModelError(f"{path}: timm Attention with {unsupported or ['gate']}; only plain "
+                                    "attention (no qk-norm, scale-norm or gate) is supported")
+    return WideAttention(m.qkv, m.proj, m.num_heads, m.head_dim, walk.width_ratio, m.attn_drop, m.proj_drop)
+
+
+def _convert_layer_scale(channels_first: bool) -> Callable[[nn.Module, str, _Walk], nn.Module]:
+    def convert(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
+        return WideScale(m.gamma, walk.width_ratio, channels_first, getattr(m, "inplace", False))
+    return convert
+
+
+def _convert_activation(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
+    return WideActivation(m, walk.width_ratio, gate=path in walk.gates)
+
+
+CONVERTERS: dict[type, Callable[[nn.Module, str, _Walk], nn.Module]] = {
+    nn.Conv2d: _convert_conv,
+    nn.Linear: _convert_linear,
+    timm.layers.Linear: _convert_linear,
+    nn.BatchNorm2d: _convert_batchnorm,
+    timm.layers.BatchNormAct2d: _convert_batchnorm,
+    nn.LayerNorm: _convert_layernorm(channels_first=False),
+    timm.layers.LayerNorm: _convert_layernorm(channels_first=False),
+    timm.layers.LayerNorm2d: _convert_layernorm(channels_first=True),
+    timm.layers.Attention: _convert_attention,
+    timm.layers.LayerScale: _convert_layer_scale(channels_first=False),
+    timm.layers.LayerScale2d: _convert_layer_scale(channels_first=True),
+    **dict.fromkeys(ACTIVATIONS, _convert_activation),
+}
+
+
+def supported_modules() -> list[str]:
+    """Names of the module types IR knows (for error messages and docs)."""
+    types = list(CONVERTERS) + list(PASSTHROUGH) + list(RAW_PARAMETERS)
+    return sorted({f"{t.__module__.split('.')[0]}.{t.__qualname__}" for t in types})
+
+
+def _unsupported(path: str, module: nn.Module, why: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"cannot expand the student: module '{path or '<root>'}' ({type(module).__module__}."
+        f"{type(module).__qualname__}) {why}. Supported module types: {', '.join(supported_modules())}. "
+        "Supported families: timm/torchvision ResNets, MobileNet v1/v2/v3, EfficientNet, ConvNeXt, ViT/DeiT."
+    )
+
+
+def _check_supported(student: nn.Module) -> None:
+    """Fail before any work, naming the first module IR has no rule for."""
+    for path, m in student.named_modules():
+        kind = type(m)
+        if kind in CONVERTERS or kind in PASSTHROUGH:
+            continue
+        own = [n for n, p in m.named_parameters(recurse=False) if p is not None]
+        known = RAW_PARAMETERS.get(kind, {})
+        stray = [n for n in own if n not in known]
+        if stray:
+            raise _unsupported(path, m, f"holds parameters {stray} that no IR rule covers")
+        if not any(True for _ in m.children()) and not own:
+            raise _unsupported(path, m, "is a leaf operation with no IR rule")
+        if isinstance(m, timm.layers.SelectAdaptivePool2d) and "cat" in m.pool_type:
+            raise _unsupported(path, m, f"concatenates poolings (pool_type={m.pool_type!r}), which breaks the "
+                                        "replica-major channel layout")
+
+
+def _convert_tree(module: nn.Module, path: str, walk: _Walk) -> nn.Module:
+    for name, child in list(module.named_children()):
+        new = _convert_tree(child, f"{path}.{name}" if path else name, walk)
+        if new is not child:
+            setattr(module, name, new)
+    converter = CONVERTERS.get(type(module))
+    return converter(module, path, walk) if converter else module
+
+
+def _wrap_raw_parameters(net: nn.Module, width_ratio: int) -> list[tuple[str, str, TensorSpec]]:
+    """Widen raw parameters of known containers in place and give them a student view."""
+    wrapped = []
+    for path, m in list(net.named_modules()):
+        for name, spec in RAW_PARAMETERS.get(type(m), {}).items():
+            p = getattr(m, name, None)
+            if p is None:
+                continue
+            setattr(m, name, nn.Parameter(widen(p.detach().float(), spec, width_ratio)))
+            parametrize.register_parametrization(m, name, StudentView(spec, width_ratio), unsafe=True)
+            wrapped.append((path, name, spec))
+    return wrapped
+
+
+def infer_input_size(student: nn.Module, input_size: tuple[int, int, int] | None) -> tuple[int, int, int]:
+    """(C, H, W) of a probe input: explicit, else a ViT's fixed image size, else 64x64."""
+    if input_size is not None:
+        return tuple(input_size)
+    in_chans = next((m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+                     for m in student.modules() if isinstance(m, nn.Conv2d | nn.Linear)), 3)
+    patch_embed = getattr(student, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    if img_size is not None and not getattr(patch_embed, "dynamic_img_size", False):
+        return (in_chans, *img_size)
+    return (in_chans, 64, 64)
+
+
+def _classifier_paths(student: nn.Module, names: dict[nn.Module, str], outputs: dict[str, Tensor],
+                      logits: Tensor) -> set[str]:
+    get_classifier = getattr(student, "get_classifier", None)
+    heads = get_classifier() if callable(get_classifier) else ()
+    heads = heads if isinstance(heads, tuple) else (heads,)
+    paths = {names[h] for h in heads if isinstance(h, nn.Linear | nn.Conv2d)}
+    paths |= {p for p, out in outputs.items() if out is logits}
+    if not paths:
+        raise UnsupportedModelError(
+            f"cannot find the classifier of {type(student).__name__}: no get_classifier() and no layer whose "
+            "output is the model's output; GPD needs a student with a classification head (num_classes > 0)")
+    return paths
+
+
+def _trace(student: nn.Module, probe: Tensor) -> tuple[set[str], set[str], Tensor]:
+    """Run the student once; return (first layers, classifiers, logits)."""
+    names = {m: p for p, m in student.named_modules()}
+    fed_by_image: set[str] = set()
+    outputs: dict[str, Tensor] = {}
+
+    def hook(m: nn.Module, args: tuple, out: object) -> None:
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            if args and args[0] is probe:
+                fed_by_image.add(names[m])
+            outputs[names[m]] = out
+
+    handles = [m.register_forward_hook(hook) for m in student.modules()]
+    try:
+        with torch.no_grad():
+            logits = student(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(logits, Tensor) or logits.ndim != 2:
+        raise UnsupportedModelError(f"{type(student).__name__} must return a (batch, classes) logits tensor, "
+                                    f"got {type(logits).__name__}")
+    return fed_by_image, _classifier_paths(student, names, outputs, logits), logits
+
+
+def _validate(student: nn.Module, width_ratio: int, noise_std: float) -> None:
+    if not isinstance(student, nn.Module):
+        raise TypeError(f"expand(student=...) needs an nn.Module, got {type(student).__name__}")
+    if isinstance(width_ratio, bool) or not isinstance(width_ratio, int) or width_ratio < 2:
+        raise ValueError(f"width_ratio={width_ratio!r} is invalid: it must be an integer >= 2 (the paper uses 2; "
+                         "powers of two keep the rescalings exact in fp16/bf16)")
+    if not noise_std >= 0:
+        raise ValueError(f"noise_std={noise_std!r} is invalid: it must be >= 0 (default 1e-6)")
+
+
+def expand(student: nn.Module, width_ratio: int = 2, noise_std: float = 1e-6, branches: bool = False, *,
+           pretrained_student: bool = False, input_size: tuple[int, int, int] | None = None,
+           verify: bool = True) -> GPDModel:
+    """Build the dynamic teacher of ``student`` by Inverse Reparameterization.
+
+    Args:
+        student: a timm or torchvision classifier (left untouched; a copy is widened).
+        width_ratio: r, the widening of every internal channel dimension (ViTs: r x heads, same head dim).
+        noise_std: std of the symmetry-breaking noise added to the replicas (not to the student slice).
+        branches: turn eligible 3x3 convs into multi-branch blocks (the branch dimension of IR).
+        pretrained_student: start the branch scalars at "origin only" (fine-tuning) instead of the
+            default mix; without branches it changes nothing.
+        input_size: (C, H, W) of the probe input used to trace and verify; inferred when omitted.
+        verify: check, before adding noise, that teacher and student modes compute the source student's
+            function (raises :class:`IRCheckError` naming the max difference).
+
+    Returns:
+        A :class:`GPDModel`: ``model(x, mode="teacher" | "student" | "both")``.
+    """
+    _validate(student, width_ratio, noise_std)
+    _check_supported(student)
+    source = copy.deepcopy(student).float()
+    size = infer_input_size(source, input_size)
+    was_training = source.training
+    source.eval()
+    probe = torch.randn(2, *size)
+    first_layers, classifiers, logits = _trace(source, probe)
+
+    net = copy.deepcopy(source)
+    walk = _Walk(width_ratio, first_layers, classifiers, branches, pretrained_student)
+    walk.gates = {f"{p}.gate" for p, m in net.named_modules() if isinstance(m, GATED)}
+    net = _convert_tree(net, "", walk)
+    raw = _wrap_raw_parameters(net, width_ratio)
+    model = GPDModel(net, width_ratio=width_ratio, in_chans=size[0], num_classes=logits.shape[1],
+                     source=source, raw_parameters=raw, branches=branches, pretrained_student=pretrained_student)
+    model.eval()
+    if verify:
+        check_ir(model, probe, logits if model.student_is_source else None)
+    if noise_std > 0:
+        for m in model.modules():
+            if isinstance(m, WideModule):
+                m.add_noise(noise_std)
+        for path, name, spec in raw:
+            _add_raw_noise(net.get_submodule(path), name, spec, width_ratio, noise_std)
+    source.train(was_training)
+    model.train(was_training)
+    return model
+
+
+@torch.no_grad()
+def _add_raw_noise(module: nn.Module, name: str, spec: TensorSpec, r: int, std: float) -> None:
+    if not spec.noisy:
+        return
+    wide = module.parametrizations[name].original
+    noise = torch.randn_like(wide) * std
+    narrow(noise, spec, r).zero_()
+    wide.add_(noise)
+
+
+@torch.no_grad()
+def check_ir(model: GPDModel, probe: Tensor, source_logits: Tensor | None, rtol: float = 1e-4) -> dict[str, float]:
+    """Max |teacher - student| (and |student - source| when given) on ``probe``; raise above tolerance."""
+    teacher, student = model(probe, mode=TEACHER), model(probe, mode=STUDENT)
+    scale = max(1.0, (source_logits if source_logits is not None else student).abs().max().item())
+    errors = {"teacher_vs_student": (teacher - student).abs().max().item()}
+    if source_logits is not None:
+        errors["student_vs_source"] = (student - source_logits).abs().max().item()
+    bad = {k: v for k, v in errors.items() if v > rtol * scale}
+    if bad:
+        raise IRCheckError(
+            f"IR check failed for {type(model.source).__name__}: {bad} exceeds {rtol} x {scale:.3g}. The model "
+            "contains an operation the IR rules do not cover (e.g. a functional non-homogeneous activation or a "
+            "channel concatenation inside a container's forward); add a converter for it")
+    return errors

@@ -1,0 +1,95 @@
+"""GPDModel: the one trainable module (dynamic teacher + student as its slice)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from gpd_ds.gpd.layers import STUDENT, TEACHER, TensorSpec, WideModule, mode_scope, narrow
+
+BOTH = "both"
+
+
+class GPDOutput(NamedTuple):
+    """Logits of both modes from one call: ``teacher`` (dynamic teacher) and ``student``."""
+
+    teacher: Tensor
+    student: Tensor
+
+
+class _Detached:
+    """Holds the plain source student outside the module tree.
+
+    Not a parameter, not moved by ``.to()``, not in ``state_dict``, and shared (not copied) by
+    ``deepcopy`` (e.g. for an EMA): it is only a template of the student's class and configuration.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __deepcopy__(self, memo: dict) -> _Detached:
+        return self
+
+
+class GPDModel(nn.Module):
+    """The dynamic teacher, whose first ``1/r`` slice is the student.
+
+    ``model(x, mode="teacher")`` runs the dynamic teacher, ``mode="student"`` the student view of
+    the same tensors, ``mode="both"`` runs the teacher, then the student, and returns a
+    :class:`GPDOutput`. The mode is scoped to the call; nothing else changes state between modes
+    except each mode's own BatchNorm running statistics.
+    """
+
+    def __init__(self, net: nn.Module, *, width_ratio: int, in_chans: int, num_classes: int, source: nn.Module,
+                 raw_parameters: list[tuple[str, str, TensorSpec]], branches: bool, pretrained_student: bool) -> None:
+        super().__init__()
+        self.net = net
+        self.width_ratio, self.in_chans, self.num_classes = width_ratio, in_chans, num_classes
+        self.branches, self.pretrained_student = branches, pretrained_student
+        self.raw_parameters = tuple(raw_parameters)
+        self._source = _Detached(source)
+
+    @property
+    def student_is_source(self) -> bool:
+        """Whether the student view starts as the source student's exact function (not with a branch mix)."""
+        return not self.branches or self.pretrained_student
+
+    @property
+    def source(self) -> nn.Module:
+        """The plain student as given to ``expand`` (its class and configuration are the export target)."""
+        return self._source.module
+
+    def forward(self, x: Tensor, mode: str) -> Tensor | GPDOutput:
+        if mode == BOTH:
+            return GPDOutput(teacher=self._run(x, TEACHER), student=self._run(x, STUDENT))
+        if mode not in (STUDENT, TEACHER):
+            raise ValueError(f"mode={mode!r} is not a GPD mode; use 'student', 'teacher' or 'both'")
+        return self._run(x, mode)
+
+    def _run(self, x: Tensor, mode: str) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"GPDModel input must be (batch, {self.in_chans}, height, width) images; got shape "
+                             f"{tuple(x.shape)}")
+        with mode_scope(mode):
+            return self.net(x)
+
+    def raw_student_tensor(self, path: str, name: str, spec: TensorSpec) -> Tensor:
+        """Student value of a raw (parametrized) container parameter."""
+        wide = self.net.get_submodule(path).parametrizations[name].original
+        view = narrow(wide, spec, self.width_ratio)
+        return view * self.width_ratio if spec.scaled else view
+
+    def num_parameters(self, mode: str) -> int:
+        """Trainable elements of the dynamic teacher (``teacher``) or of the student view (``student``)."""
+        if mode == TEACHER:
+            return sum(p.numel() for p in self.parameters())
+        total = 0
+        for m in self.net.modules():
+            if isinstance(m, WideModule):
+                total += sum(m.student_tensor(n).numel() for n in m.specs if isinstance(getattr(m, n), nn.Parameter))
+        return total + sum(self.raw_student_tensor(*raw).numel() for raw in self.raw_parameters)
+
+    def extra_repr(self) -> str:
+        return (f"width_ratio={self.width_ratio}, source={type(self.source).__name__}, "
+                f"branches={self.branches}")
