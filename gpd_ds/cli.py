@@ -1,0 +1,59 @@
+"""``gpd-ds``: command-line entry point. Parses arguments and dispatches; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gpd_ds.gpd import expand
+from gpd_ds.gpd.summary import summarize
+from gpd_ds.models import create_model
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    student = create_model(args.student, num_classes=args.num_classes, image_size=args.image_size)
+    size = (3, args.image_size, args.image_size)
+    model = expand(student, width_ratio=args.width_ratio, branches=args.branches,
+                   pretrained_student=args.pretrained_student, input_size=size)
+    s = summarize(model, size)
+    source_err = f"{s.student_vs_source:.3g}" if model.student_is_source else "n/a (branch mix differs by design)"
+    print(f"student         {args.student}  (input {size[0]}x{size[1]}x{size[2]}, r={args.width_ratio}, "
+          f"branches={args.branches})")
+    print(f"{'':16}{'params (M)':>12}{'GMACs/img':>12}")
+    print(f"{'student':16}{s.student_params / 1e6:12.2f}{s.student_gmacs:12.3f}")
+    print(f"{'dynamic teacher':16}{s.teacher_params / 1e6:12.2f}{s.teacher_gmacs:12.3f}")
+    if model.branches:
+        print(f"branch kernel merge per forward (any batch): student {s.student_merge_gmacs:.3f}, "
+              f"dynamic teacher {s.teacher_merge_gmacs:.3f} GMACs")
+    print(f"ratio teacher/student: params {s.teacher_params / s.student_params:.2f}x, "
+          f"GMACs {s.teacher_gmacs / s.student_gmacs:.2f}x")
+    print(f"IR error (max |logit diff|, max |logit| {s.max_logit:.3g}): teacher vs student {s.teacher_vs_student:.3g}, "
+          f"student vs source {source_err}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpd-ds", description="Gap Preserving Distillation on DeepSpeed")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="sizes, GMACs and IR error of a student and its dynamic teacher")
+    p.add_argument("--student", required=True, help="timm name (resnet18) or torchvision:NAME")
+    p.add_argument("--width-ratio", type=int, default=2, help="r, the widening of the dynamic teacher (default 2)")
+    p.add_argument("--branches", action="store_true", help="multi-branch 3x3 convs in the dynamic teacher")
+    p.add_argument("--pretrained-student", action="store_true", help="branch scalars start at 'origin only'")
+    p.add_argument("--image-size", type=int, default=224, help="input resolution (default 224)")
+    p.add_argument("--num-classes", type=int, default=1000, help="classifier width (default 1000)")
+    p.set_defaults(func=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"gpd-ds {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

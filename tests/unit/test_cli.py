@@ -1,0 +1,34 @@
+"""`gpd-ds inspect` prints sizes, GMACs and IR error; bad names exit with a clear error."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from gpd_ds.cli import main
+
+
+def test_inspect_prints_sizes_gmacs_and_ir_error(capsys: pytest.CaptureFixture) -> None:
+    assert main(["inspect", "--student", "torchvision:resnet18", "--image-size", "64"]) == 0
+    out = capsys.readouterr().out
+    student = re.search(r"^student\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    teacher = re.search(r"^dynamic teacher\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    assert float(student.group(1)) == pytest.approx(11.69, abs=0.01)
+    assert float(teacher.group(1)) == pytest.approx(45.69, abs=0.01)
+    # GMACs scale with the image: 1.814 at 224 px -> (64/224)^2 of that, teacher about 3.9x
+    assert float(student.group(2)) == pytest.approx(1.814 * (64 / 224) ** 2, rel=0.02)
+    assert 3.5 < float(teacher.group(2)) / float(student.group(2)) < 4.0
+    error = re.search(r"teacher vs student ([\de.+-]+), student vs source ([\de.+-]+)", out)
+    assert float(error.group(1)) < 1e-3
+    assert float(error.group(2)) == 0.0
+
+
+def test_inspect_vit_with_branches(capsys: pytest.CaptureFixture) -> None:
+    assert main(["inspect", "--student", "deit_tiny_patch16_224", "--image-size", "32", "--branches"]) == 0
+    assert "dynamic teacher" in capsys.readouterr().out
+
+
+def test_inspect_unknown_model_exits_2(capsys: pytest.CaptureFixture) -> None:
+    assert main(["inspect", "--student", "resnet81"]) == 2
+    assert "unknown model 'resnet81'" in capsys.readouterr().err

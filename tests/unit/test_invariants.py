@@ -1,0 +1,188 @@
+"""Gradient, BatchNorm and branch invariants of the GPD model (gpd_method.md section 8)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpd_ds.gpd import expand, extract
+from gpd_ds.gpd.branches import WideBranchConv2d
+from gpd_ds.gpd.layers import WideBatchNorm2d, WideConv2d, WideModule, mode_scope, narrow
+from gpd_ds.gpd.model import GPDModel
+from gpd_ds.losses import GPDLoss, soft_cross_entropy
+from gpd_ds.models import create_model
+from tests.helpers import NUM_CLASSES, images, make_student
+
+GRAD_FAMILIES = ["torchvision:resnet18", "mobilenetv2_100", "deit_tiny_patch16_224"]
+
+
+def _wide_tensors(model: GPDModel):
+    """(label, wide tensor, spec) for every tensor with a student slice."""
+    for path, m in model.net.named_modules():
+        if isinstance(m, WideModule):
+            for name, spec in m.specs.items():
+                yield f"{path}.{name}", getattr(m, name), spec
+    for path, name, spec in model.raw_parameters:
+        yield f"{path}.{name}", model.net.get_submodule(path).parametrizations[name].original, spec
+
+
+def _assert_zero_outside_slices(model: GPDModel) -> None:
+    checked = 0
+    for label, wide, spec in _wide_tensors(model):
+        if wide.grad is None or not spec.dims:
+            continue
+        outside = wide.grad.clone()
+        narrow(outside, spec, model.width_ratio).zero_()
+        assert outside.abs().max().item() == 0.0, f"{label}: gradient outside the student slice"
+        checked += 1
+    assert checked > 5
+
+
+@pytest.mark.parametrize("name", GRAD_FAMILIES)
+def test_student_loss_has_zero_gradient_outside_its_slice(name: str) -> None:
+    model = expand(make_student(name)).train()
+    model(images(name), mode="student").square().mean().backward()
+    _assert_zero_outside_slices(model)
+
+
+@pytest.mark.parametrize("name", GRAD_FAMILIES)
+def test_sce_term_is_stopped_at_the_dynamic_teacher(name: str) -> None:
+    model = expand(make_student(name)).train()
+    out = model(images(name), mode="both")
+    soft_cross_entropy(out.student, out.teacher).backward()
+    _assert_zero_outside_slices(model)
+
+
+def test_student_gradient_is_r_times_plain_gradient_for_dense_and_1_otherwise() -> None:
+    model = expand(make_student("torchvision:resnet18"), noise_std=0.0).train()
+    plain = extract(model).train()
+    x, y = images("torchvision:resnet18"), torch.arange(4) % NUM_CLASSES
+    F.cross_entropy(model(x, mode="student"), y).backward()
+    F.cross_entropy(plain(x), y).backward()
+    r = model.width_ratio
+    cases = {"conv1": ("weight", r), "layer1.0.conv2": ("weight", r), "layer2.0.downsample.0": ("weight", r),
+             "bn1": ("weight", 1), "layer3.1.bn2": ("bias", 1), "fc": ("weight", 1)}
+    for path, (name, factor) in cases.items():
+        wide = model.net.get_submodule(path)
+        slice_grad = narrow(getattr(wide, name).grad, wide.specs[name], r)
+        expected = factor * getattr(plain.get_submodule(path), name).grad
+        torch.testing.assert_close(slice_grad, expected, rtol=1e-4, atol=1e-7, msg=path)
+
+
+def _loss_parts(out, y, static, loss_fn):
+    terms = loss_fn(out.student, out.teacher, y, static).terms
+    teacher = terms["ce_dynamic_teacher"] + terms["kd_static_to_dynamic_teacher"]
+    student = terms["ce_student"] + terms["kd_static_to_student"] + 3 * terms["sce_dynamic_to_student"]
+    return teacher, student
+
+
+def test_one_backward_of_the_sum_equals_two_accumulated_backwards() -> None:
+    name = "torchvision:resnet18"
+    torch.manual_seed(0)
+    one = expand(make_student(name)).train()
+    two = copy.deepcopy(one)
+    x, y = images(name), torch.tensor([1, 2, 3, 4])
+    static = torch.randn(4, NUM_CLASSES)
+    loss_fn = GPDLoss(kd="dkd")
+
+    total = loss_fn(*one(x, mode="both")[::-1], y, static).total
+    total.backward()
+
+    teacher_logits = two(x, mode="teacher")
+    l_t = loss_fn.static_kd(teacher_logits, static, y) + F.cross_entropy(teacher_logits, y)
+    l_t.backward()
+    student_logits = two(x, mode="student")
+    l_s = (F.cross_entropy(student_logits, y) + loss_fn.static_kd(student_logits, static, y)
+           + 3 * soft_cross_entropy(student_logits, teacher_logits))
+    l_s.backward()
+
+    torch.testing.assert_close(total, l_t + l_s)
+    for (n, p1), (_, p2) in zip(one.named_parameters(), two.named_parameters(), strict=True):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_replicas_differ_after_one_step() -> None:
+    model = expand(make_student("torchvision:resnet18"), noise_std=0.0).train()
+    conv = model.net.get_submodule("layer1.0.conv1")
+    co, ci = conv.out_channels, conv.in_channels
+    assert torch.equal(conv.weight[:co, :ci], conv.weight[co:, ci:])  # symmetric before training
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = model(images("torchvision:resnet18"), mode="both")
+    GPDLoss(kd="none")(out.student, out.teacher, torch.tensor([0, 1, 2, 3])).total.backward()
+    opt.step()
+    assert not torch.equal(conv.weight[:co, :ci], conv.weight[co:, ci:])
+
+
+def test_batchnorm_buffers_are_isolated_per_mode() -> None:
+    model = expand(make_student("torchvision:resnet18")).train()
+    bn = model.net.get_submodule("layer1.0.bn1")
+    assert isinstance(bn, WideBatchNorm2d)
+    teacher_stats = ("running_mean", "running_var")
+    student_stats = ("student_running_mean", "student_running_var")
+
+    def snapshot():
+        return {n: getattr(bn, n).clone() for n in teacher_stats + student_stats}
+
+    x = images("torchvision:resnet18")
+    before = snapshot()
+    with torch.no_grad():
+        model(x, mode="teacher")
+    after = snapshot()
+    assert all(not torch.equal(before[n], after[n]) for n in teacher_stats)
+    assert all(torch.equal(before[n], after[n]) for n in student_stats)
+
+    with torch.no_grad():
+        model(x, mode="student")
+    final = snapshot()
+    assert all(torch.equal(after[n], final[n]) for n in teacher_stats)
+    assert all(not torch.equal(after[n], final[n]) for n in student_stats)
+
+    model.eval()
+    with torch.no_grad():
+        model(x, mode="both")
+    assert all(torch.equal(final[n], v) for n, v in snapshot().items())
+
+
+def test_branch_block_with_origin_only_init_equals_the_source_conv() -> None:
+    student = make_student("torchvision:resnet18")
+    model = expand(student, branches=True, pretrained_student=True, noise_std=0.0)
+    blocks = {p: m for p, m in model.net.named_modules() if isinstance(m, WideBranchConv2d)}
+    assert len(blocks) == 13  # the stride-1 3x3 convs of the residual blocks
+    for path, block in blocks.items():
+        assert torch.equal(block.student_state()["weight"], student.get_submodule(path).weight), path
+    # the merged kernel is what the block convolves with, in both modes
+    block = blocks["layer2.1.conv1"]
+    x = torch.randn(2, 2 * block.in_channels, 8, 8)
+    with torch.no_grad(), mode_scope("teacher"):
+        expected = F.conv2d(x, block.branch_kernel("teacher"), None, 1, 1)
+        torch.testing.assert_close(block(x), expected)
+
+
+def test_branches_convert_depthwise_convs_of_mobilenet() -> None:
+    model = expand(make_student("mobilenetv1_100"), branches=True)
+    blocks = [m for m in model.modules() if isinstance(m, WideBranchConv2d)]
+    assert blocks
+    assert all(b.groups == b.in_channels for b in blocks)
+    plain_convs = [m for m in model.modules() if type(m) is WideConv2d and m.kernel_size == (3, 3)
+                   and m.stride == (1, 1)]
+    assert not plain_convs
+
+
+@pytest.mark.parametrize(("branches", "student_m", "teacher_m"), [(False, 11.69, 45.69), (True, 42.33, 167.79)])
+def test_parameter_counts_match_the_reference(branches: bool, student_m: float, teacher_m: float) -> None:
+    model = expand(create_model("torchvision:resnet18"), branches=branches, verify=False)
+    assert round(model.num_parameters("student") / 1e6, 2) == student_m
+    assert round(model.num_parameters("teacher") / 1e6, 2) == teacher_m
+
+
+def test_vit_teacher_has_twice_the_heads_at_the_same_head_dim() -> None:
+    model = expand(make_student("deit_tiny_patch16_224"))
+    attn = model.net.blocks[0].attn
+    assert attn.num_heads == 3
+    assert attn.head_dim == 64
+    assert attn.qkv.weight.shape == (2 * 3 * 192, 2 * 192)
+    assert model.net.head.weight.shape == (NUM_CLASSES, 2 * 192)
+    assert model.net.parametrizations.pos_embed.original.shape[-1] == 2 * 192
