@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
-from gpd_ds.gpd import expand
-from gpd_ds.gpd.summary import summarize
-from gpd_ds.models import create_model
+from gpd_ds.errors import UserInputError
+
+# Subcommands import what they need when they run, so `gpd-ds --help` and argument errors are instant.
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from gpd_ds.gpd import expand
+    from gpd_ds.gpd.summary import summarize
+    from gpd_ds.models import create_model
+
     student = create_model(args.student, num_classes=args.num_classes, image_size=args.image_size)
     size = (3, args.image_size, args.image_size)
     model = expand(student, width_ratio=args.width_ratio, branches=args.branches,
@@ -32,6 +38,22 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_shards(args: argparse.Namespace) -> int:
+    from gpd_ds.data.shards import make_shards
+
+    entry = make_shards(args.src, args.out, args.split, shard_size=args.shard_size, workers=args.workers,
+                        shuffle_seed=args.shuffle_seed, prefix=args.prefix, class_mapping=args.class_mapping,
+                        resume=args.resume)
+    lengths = entry["shard_lengths"]
+    print(f"wrote {entry['num_samples']} samples of split {args.split!r} into {len(lengths)} shards "
+          f"({min(lengths)}-{max(lengths)} samples each) under {args.out}; index: {Path(args.out) / '_info.json'}")
+    if entry["skipped_files"]:
+        print(f"left out {len(entry['skipped_files'])} unreadable files (listed in the index)")
+    if entry["non_rgb_jpeg_files"]:
+        print(f"kept, converted to RGB when read: {entry['non_rgb_jpeg_files']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpd-ds", description="Gap Preserving Distillation on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,14 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=224, help="input resolution (default 224)")
     p.add_argument("--num-classes", type=int, default=1000, help="classifier width (default 1000)")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("make-shards", help="convert an ImageFolder tree (SRC/<class>/<image>) to WebDataset shards")
+    p.add_argument("src", help="ImageFolder split directory, e.g. /data/imagenet/train")
+    p.add_argument("out", help="output directory for the shards and _info.json (shared by train and val)")
+    p.add_argument("--split", required=True, help="split name: train or val")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000, ~110 MB "
+                   "for ImageNet)")
+    p.add_argument("--workers", type=int, default=None, help="parallel writer processes (default: all cores)")
+    p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the shuffle across shards (default 0)")
+    p.add_argument("--prefix", default=None, help="shard name prefix (default: OUT's directory name)")
+    p.add_argument("--class-mapping", default=None, help="class order: JSON list, JSON {name: index}, or text "
+                   "file with one name per line (default: sorted folder names, or the classes already in OUT)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted conversion with the same "
+                   "arguments")
+    p.set_defaults(func=_make_shards)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, UserInputError) as e:
         print(f"gpd-ds {args.command}: error: {e}", file=sys.stderr)
         return 2
 
