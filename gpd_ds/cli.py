@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -54,6 +55,26 @@ def _make_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from gpd_ds.export import export_run
+
+    out = export_run(Path(args.run_dir), Path(args.out), which=args.weights)
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    print(f"exported {sidecar['model']} ({sidecar['weights']} weights, step {sidecar['step']}, top-1 "
+          f"{sidecar['top1']}) to {out}; max |logit diff| vs the GPD student mode: "
+          f"{sidecar['max_abs_diff_vs_student_mode']:.3g}; sidecar: {out.with_suffix('.json')}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from gpd_ds.evaluate import evaluate_artifact
+
+    results = evaluate_artifact(args.path, args.data, args.split, args.batch_size, args.workers, args.weights)
+    for name, r in results.items():
+        print(f"{name:20} top-1 {r['top1']:6.2f}  top-5 {r['top5']:6.2f}  ({r['samples']} images)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpd-ds", description="Gap Preserving Distillation on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,10 +101,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="finish an interrupted conversion with the same "
                    "arguments")
     p.set_defaults(func=_make_shards)
+
+    sub.add_parser("train", help="train (same arguments as launch/train.py; see gpd-ds train --help)",
+                   add_help=False)
+
+    p = sub.add_parser("export", help="export a run's student as a plain timm/torchvision model (.safetensors)")
+    p.add_argument("run_dir", help="the run directory (holds config.json, checkpoints/, best/)")
+    p.add_argument("--out", required=True, help="output .safetensors path (a .json sidecar is written beside it)")
+    p.add_argument("--weights", default="best", choices=["best", "last", "last_ema"],
+                   help="best (default: live or EMA weights with the best student top-1), or the newest checkpoint's")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("eval", help="evaluate an exported student or a run directory on shards")
+    p.add_argument("path", help="exported .safetensors (with its .json) or a run directory")
+    p.add_argument("--data", required=True, help="shards root with _info.json")
+    p.add_argument("--split", default="val")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--weights", default="best", choices=["best", "last", "last_ema"], help="for a run directory")
+    p.set_defaults(func=_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from gpd_ds.train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

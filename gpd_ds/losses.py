@@ -111,6 +111,16 @@ class GPDLoss:
             return dkd(logits, static_logits, target, self.dkd_alpha, self.dkd_beta, self.temperature)
         return kl_kd(logits, static_logits, self.temperature)
 
+    def plain(self, student: Tensor, target: Tensor, static_teacher: Tensor | None = None) -> LossOutput:
+        """The objective without a dynamic teacher (baselines, teacher training): CE, plus psi if a static
+        teacher is given: ``ce_weight * CE(z_S, y) + kd_weight * psi(z_S; z_static)``."""
+        terms = {"ce_student": cross_entropy(student, target)}
+        total = self.ce_weight * terms["ce_student"]
+        if static_teacher is not None and self.kd != "none":
+            terms["kd_static_to_student"] = self.static_kd(student, static_teacher, target)
+            total = total + self.kd_weight * terms["kd_static_to_student"]
+        return LossOutput(total, terms)
+
     def __call__(self, student: Tensor, dynamic_teacher: Tensor, target: Tensor,
                  static_teacher: Tensor | None = None) -> LossOutput:
         terms = {

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from gpd_ds.data.shards import INDEX_NAME, make_shards
 
 CLASSES = ("circle", "square", "triangle", "diamond", "cross", "ring", "hbars", "vbars", "xmark", "hexagon")
-VERSION = 1
+VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -41,9 +41,10 @@ def draw_shape(label: int, size: int, rng: random.Random) -> Image.Image:
     fg = tuple((c + 96 + rng.randrange(64)) % 256 for c in bg)  # far from the background on every channel
     im = Image.new("RGB", (big, big), bg)
     d = ImageDraw.Draw(im)
-    r = big * rng.uniform(0.18, 0.38)
+    r = big * rng.uniform(0.26, 0.42)
     cx, cy = (big / 2 + rng.uniform(-1, 1) * (big / 2 - r) for _ in range(2))
     angle = rng.uniform(0, 2 * math.pi)
+    tilt = rng.uniform(-0.15, 0.15)  # square vs diamond: 45 degrees apart, never confusable
     w = max(2, int(r * rng.uniform(0.25, 0.4)))
     name = CLASSES[label]
     if name == "circle":
@@ -51,7 +52,7 @@ def draw_shape(label: int, size: int, rng: random.Random) -> Image.Image:
     elif name == "ring":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=w)
     elif name in ("square", "diamond"):
-        d.polygon(_polygon(cx, cy, r, 4, angle * 0.1 + (math.pi / 4 if name == "square" else 0)), fill=fg)
+        d.polygon(_polygon(cx, cy, r, 4, tilt + (math.pi / 4 if name == "square" else 0)), fill=fg)
     elif name == "triangle":
         d.polygon(_polygon(cx, cy, r, 3, angle), fill=fg)
     elif name == "hexagon":
@@ -69,7 +70,7 @@ def draw_shape(label: int, size: int, rng: random.Random) -> Image.Image:
             else:
                 d.line([cx + offset, cy - r, cx + offset, cy + r], fill=fg, width=w)
     im = im.resize((size, size), Image.Resampling.LANCZOS)
-    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 12, (size, size, 3))
+    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 8, (size, size, 3))
     return Image.fromarray(np.clip(np.asarray(im, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
 
 

@@ -27,6 +27,7 @@ from timm.models._efficientnet_blocks import SqueezeExcite
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from gpd_ds.errors import UserInputError
 from gpd_ds.gpd.branches import WideBranchConv2d, is_eligible
 from gpd_ds.gpd.layers import (
     STUDENT,
@@ -47,7 +48,7 @@ from gpd_ds.gpd.layers import (
 from gpd_ds.gpd.model import GPDModel
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserInputError, ValueError):
     """The student contains a module IR has no rule for."""
 
 

@@ -17,14 +17,18 @@ def _suggest(name: str, known: list[str]) -> str:
     return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
-def create_model(name: str, num_classes: int | None = None, image_size: int | None = None, **kwargs) -> nn.Module:
+def create_model(name: str, num_classes: int | None = None, image_size: int | None = None, pretrained: bool = False,
+                 **kwargs) -> nn.Module:
     """Build a randomly initialised classifier.
 
     ``name`` is a timm model name (``resnet18``, ``timm:deit_tiny_patch16_224``) or a torchvision
     one with a prefix (``torchvision:resnet50``). ``image_size`` sets the input size of models built
     for a fixed one (timm ViTs); CNNs take any size and ignore it. ``kwargs`` go to the builder.
-    Weights are never downloaded here: load them from a local file.
+    Weights are downloaded only with ``pretrained=True`` (timm names, online machines); otherwise load them
+    from a local file (:func:`gpd_ds.models.weights.load_weights`).
     """
+    if pretrained and name.startswith(TORCHVISION_PREFIX):
+        raise ValueError(f"{name!r}: download torchvision weights yourself and pass them as a local checkpoint")
     if name.startswith(TORCHVISION_PREFIX):
         arch = name[len(TORCHVISION_PREFIX):]
         known = torchvision.models.list_models(module=torchvision.models)
@@ -39,9 +43,9 @@ def create_model(name: str, num_classes: int | None = None, image_size: int | No
                          f"torchvision models).{_suggest(arch, timm.list_models())}")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    model = timm.create_model(arch, pretrained=False, **kwargs)
+    model = timm.create_model(arch, pretrained=pretrained, **kwargs)
     if image_size is not None and "img_size" not in kwargs and _fixed_image_size(model) not in (None, image_size):
-        model = timm.create_model(arch, pretrained=False, img_size=image_size, **kwargs)
+        model = timm.create_model(arch, pretrained=pretrained, img_size=image_size, **kwargs)
     return model
 
 

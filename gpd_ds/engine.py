@@ -1,0 +1,166 @@
+"""The DeepSpeed engine around the GPD model: ds_config resolution, optimizer, schedule.
+
+DeepSpeed keys stay in the ds_config JSON. Resolution (``resolve_ds_config``):
+
+* batch: ``train_batch_size`` comes from the JSON or, if absent, from ``optim.global_batch_size``; both set and
+  different is an error. Without ``train_micro_batch_size_per_gpu`` the micro batch is ``global / world`` (no
+  accumulation); with it, ``gradient_accumulation_steps`` follows.
+* ``gradient_clipping``: from the JSON or ``optim.grad_clip``; different values are an error; neither is an error
+  too (DeepSpeed >= 0.19.3 silently clips at 1.0; GPD clips at 5.0).
+* precision: the ``torch_autocast`` block (fp32 master weights, bf16 on A100/H100, fp16 on V100 with a grad
+  scaler). Without a GPU the run is float32 (a log line says so).
+* refused with a clear message: an ``optimizer``/``scheduler`` block (the recipe's ``optim.*`` builds them),
+  DeepSpeed's own ``wandb`` monitor (gpd_ds logs to W&B itself), ZeRO stage 3 (not supported yet).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gpd_ds.config import ConfigError, TrainConfig
+
+log = logging.getLogger(__name__)
+
+_NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")
+
+
+def load_ds_config(path: str | Path | None) -> dict:
+    if path is None:
+        raise ConfigError("no DeepSpeed config: pass --deepspeed_config ds_configs/zero2.json (or another file in "
+                          "ds_configs/)")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--deepspeed_config {str(path)!r} does not exist; the shipped ones are in ds_configs/")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config {str(path)!r} is not valid JSON: {e}") from e
+
+
+def _mirror(ds: dict, key: str, recipe_value: object, recipe_key: str) -> object:
+    """The effective value of a key both the ds_config and the recipe can set."""
+    if key in ds and recipe_value is not None and ds[key] != recipe_value:
+        raise ConfigError(f"ds_config {key}={ds[key]!r} conflicts with {recipe_key}={recipe_value!r}; set the same "
+                          f"value in both, or drop one (e.g. --set {recipe_key}=none to take the ds_config's)")
+    return ds.get(key, recipe_value)
+
+
+def resolve_ds_config(ds: dict, cfg: TrainConfig, world_size: int, device: torch.device) -> dict:
+    """A complete ds_config for ``deepspeed.initialize`` (see the module docstring for the rules)."""
+    ds = json.loads(json.dumps(ds))  # a deep copy
+    for block, fix in (("optimizer", "the optimizer comes from the recipe (optim.*)"),
+                       ("scheduler", "the lr schedule comes from the recipe (optim.schedule, optim.warmup_epochs)")):
+        if block in ds:
+            raise ConfigError(f"ds_config has an {block!r} block; remove it: {fix}")
+    if ds.get("wandb", {}).get("enabled"):
+        raise ConfigError("ds_config enables DeepSpeed's wandb monitor; set it to false: gpd_ds logs to W&B itself")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"ZeRO stage {stage} is not supported for GPD models yet (both GPD modes run through the "
+                          "same partitioned modules each step); use ds_configs/zero2.json or zero1.json")
+
+    global_batch = _mirror(ds, "train_batch_size", cfg.optim.global_batch_size, "optim.global_batch_size")
+    if not global_batch:
+        raise ConfigError("no batch size: set train_batch_size in the ds_config or optim.global_batch_size")
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    if micro is None:
+        if global_batch % world_size:
+            raise ConfigError(f"global batch {global_batch} is not divisible by {world_size} ranks; change "
+                              "optim.global_batch_size or set train_micro_batch_size_per_gpu")
+        micro = global_batch // world_size
+    if global_batch % (micro * world_size):
+        raise ConfigError(f"global batch {global_batch} is not a multiple of micro batch {micro} x {world_size} ranks")
+    accumulation = global_batch // (micro * world_size)
+    if ds.get("gradient_accumulation_steps", accumulation) != accumulation:
+        raise ConfigError(f"gradient_accumulation_steps={ds['gradient_accumulation_steps']} disagrees with "
+                          f"{global_batch} = {micro} x {world_size} ranks x accumulation")
+    ds.update(train_batch_size=global_batch, train_micro_batch_size_per_gpu=micro,
+              gradient_accumulation_steps=accumulation)
+
+    clip = _mirror(ds, "gradient_clipping", cfg.optim.grad_clip, "optim.grad_clip")
+    if clip is None:
+        raise ConfigError("gradient_clipping is not set: set it in the ds_config (0 disables it) or optim.grad_clip; "
+                          "DeepSpeed would silently clip at 1.0")
+    ds["gradient_clipping"] = clip
+    ds.setdefault("zero_allow_untested_optimizer", True)  # SGD under ZeRO
+    ds.setdefault("steps_per_print", 10**9)  # gpd_ds logs progress itself
+    ds.setdefault("wandb", {"enabled": False})
+
+    if device.type == "cpu":
+        requested = [k for k in ("fp16", "bf16") if ds.get(k, {}).get("enabled")]
+        autocast = ds.get("torch_autocast", {})
+        if requested or autocast.get("enabled"):
+            what = requested[0] if requested else f"torch_autocast {autocast.get('dtype', 'bfloat16')}"
+            log.info("no GPU: running in float32 on the CPU (the ds_config's %s is for GPUs)", what)
+        for k in ("fp16", "bf16"):
+            ds.pop(k, None)
+        ds["torch_autocast"] = {"enabled": False}
+    elif (ds.get("torch_autocast", {}).get("enabled") and ds["torch_autocast"].get("dtype") in ("bfloat16", "bf16")
+          and not torch.cuda.is_bf16_supported()):
+        log.info("this GPU has no bfloat16: torch_autocast switched to float16 (use ds_configs/*_v100.json)")
+        ds["torch_autocast"]["dtype"] = "float16"
+    return ds
+
+
+def autocast_dtype(ds: dict) -> torch.dtype | None:
+    """The autocast dtype of a resolved ds_config (None: full precision)."""
+    block = ds.get("torch_autocast", {})
+    if not block.get("enabled"):
+        return None
+    return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+            "fp16": torch.float16, "half": torch.float16}[str(block.get("dtype", "bfloat16"))]
+
+
+def effective_lr(cfg: TrainConfig, global_batch: int) -> float:
+    """The recipe's lr scaled linearly to the global batch (and x finetune_lr_scale when fine-tuning)."""
+    lr = cfg.optim.lr * global_batch / cfg.optim.lr_ref_batch
+    return lr * cfg.optim.finetune_lr_scale if cfg.scenario == "finetune" else lr
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+    """Weight-decay groups. CNN recipe: decay everything (BN, biases and branch tensors included, as the
+    reference). ViT recipe: no decay for 1-D tensors, biases and tokens/position embeddings (timm's rule)."""
+    if decay_norm_and_bias:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(".bias") or any(t in name for t in _NO_DECAY_NAMES)
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay, o.decay_norm_and_bias)
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov)
+    return torch.optim.AdamW(groups, lr=lr, betas=o.betas, eps=o.eps)
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int, base_lr: float) -> Callable[[int], float]:
+    """The schedule as a function of the optimizer step: linear warm-up from ``warmup_lr``, then step decay
+    (x gamma at each milestone epoch) or cosine to ``min_lr`` followed by ``cooldown_epochs`` at ``min_lr``."""
+    o = cfg.optim
+    warmup = round(o.warmup_epochs * steps_per_epoch)
+    milestones = [m * steps_per_epoch for m in o.milestones]
+    decay_steps = max(1, (o.epochs - o.cooldown_epochs) * steps_per_epoch - warmup)
+    start, floor = o.warmup_lr / base_lr, o.min_lr / base_lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return start + (1.0 - start) * step / warmup
+        if o.schedule == "step":
+            return o.gamma ** sum(step >= m for m in milestones)
+        t = min(1.0, (step - warmup) / decay_steps)
+        return floor + 0.5 * (1.0 - floor) * (1.0 + math.cos(math.pi * t))
+
+    return factor

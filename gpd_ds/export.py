@@ -1,0 +1,128 @@
+"""Export: a run's GPD weights -> the plain student (CBR), verified, as ``.safetensors`` plus a JSON sidecar.
+
+``gpd-ds export RUN_DIR --out student.safetensors [--weights best|last|last_ema]``:
+
+1. take the weights: ``best`` (the live or EMA weights with the best student top-1, kept in ``RUN_DIR/best``),
+   or the newest complete checkpoint's live (``last``) or EMA (``last_ema``) weights (ZeRO <= 2 checkpoints hold
+   the full model);
+2. rebuild the GPD model from the run's saved config and load them strictly;
+3. ``extract`` the student, check it against the student mode (max |logit diff|) and check that a freshly built
+   model of the student's name loads it strictly;
+4. write the student's state dict and ``student.json`` (model name, classes, mean/std, input size, step, accuracy).
+
+The result loads with ``timm.create_model(name, num_classes=K).load_state_dict(safetensors.torch.load_file(p))``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from gpd_ds.checkpoint import complete_checkpoints
+from gpd_ds.config import TrainConfig, from_dict
+from gpd_ds.errors import UserInputError
+from gpd_ds.gpd import check_equivalence, extract
+from gpd_ds.models import create_model
+
+SIDECAR_FORMAT = "gpd_ds-student-v1"
+
+
+class ExportError(UserInputError, RuntimeError):
+    """A run directory or exported file cannot be used."""
+
+
+def run_record(run_dir: Path) -> dict:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ExportError(f"{str(run_dir)!r} is not a gpd_ds run directory (no config.json)")
+    return json.loads(path.read_text())
+
+
+def run_weights(run_dir: Path, which: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(GPD model state dict, metadata) of ``best``, ``last`` or ``last_ema``."""
+    run_dir = Path(run_dir)
+    if which == "best":
+        best = run_dir / "best" / "model.safetensors"
+        if best.is_file():
+            return load_file(str(best)), json.loads((run_dir / "best" / "best.json").read_text())
+        which = "last"  # no evaluation has run yet: nothing is "best"
+    if which not in ("last", "last_ema"):
+        raise ExportError(f"--weights {which!r} is unknown; use best, last or last_ema")
+    found = complete_checkpoints(run_dir / "checkpoints")
+    if not found:
+        raise ExportError(f"{str(run_dir)!r} has no complete checkpoint and no best weights to export")
+    # our own checkpoint, written by DeepSpeed (it holds optimizer/RNG objects, hence weights_only=False)
+    states = torch.load(found[0] / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    client_step = states.get("step", states.get("global_steps"))
+    if which == "last_ema":
+        if not states.get("ema"):
+            raise ExportError(f"{found[0]} holds no EMA weights (optim.ema_decay was off)")
+        return states["ema"], {"weights": "ema", "step": client_step}
+    return states["module"], {"weights": "raw", "step": client_step}
+
+
+def rebuild(record: dict) -> tuple[TrainConfig, nn.Module]:
+    """The run's trained module (GPD model or plain student), without weights."""
+    from gpd_ds.train import build_model
+
+    cfg = from_dict(record["config"])
+    cfg.model.student_checkpoint = None  # the weights come from the run, not from the fine-tuning start point
+    return cfg, build_model(cfg, len(record["classes"]), noise=False)
+
+
+def export_run(run_dir: Path, out: Path, which: str = "best") -> Path:
+    """Export the run's student to ``out`` (and ``out`` with ``.json``); return ``out``."""
+    run_dir, out = Path(run_dir), Path(out)
+    record = run_record(run_dir)
+    cfg, model = rebuild(record)
+    state, meta = run_weights(run_dir, which)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    size = cfg.data.image_size
+    probe = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    if cfg.model.method == "gpd":
+        plain = extract(model).eval()
+        max_diff = check_equivalence(model, plain, probe)
+    else:
+        plain, max_diff = model, 0.0
+    fresh = create_model(cfg.model.student, num_classes=len(record["classes"]), image_size=size,
+                         **cfg.model.student_kwargs)
+    fresh.load_state_dict(plain.state_dict(), strict=True)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}, str(tmp))
+    os.replace(tmp, out)
+    sidecar = {
+        "format": SIDECAR_FORMAT, "model": cfg.model.student, "model_kwargs": cfg.model.student_kwargs,
+        "num_classes": len(record["classes"]), "classes": record["classes"], "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std), "input_size": [3, size, size], "crop_pct": cfg.data.crop_pct,
+        "interpolation": cfg.data.interpolation, "recipe": cfg.recipe, "scenario": record.get("scenario"),
+        "step": meta.get("step"), "top1": meta.get("top1"), "weights": meta.get("weights"),
+        "run_dir": str(run_dir), "max_abs_diff_vs_student_mode": max_diff,
+    }
+    sidecar_path = out.with_suffix(".json")
+    sidecar_path.with_name(f".{sidecar_path.name}.tmp").write_text(json.dumps(sidecar, indent=1))
+    os.replace(sidecar_path.with_name(f".{sidecar_path.name}.tmp"), sidecar_path)
+    return out
+
+
+def load_exported(path: Path) -> tuple[nn.Module, dict]:
+    """An exported student (``.safetensors`` with its ``.json`` sidecar), ready to evaluate."""
+    path = Path(path)
+    sidecar_path = path.with_suffix(".json")
+    if not path.is_file() or not sidecar_path.is_file():
+        raise ExportError(f"{str(path)!r} needs to exist with its sidecar {sidecar_path.name} (written by "
+                          "gpd-ds export)")
+    sidecar = json.loads(sidecar_path.read_text())
+    if sidecar.get("format") != SIDECAR_FORMAT:
+        raise ExportError(f"{sidecar_path} is not a gpd_ds export sidecar")
+    model = create_model(sidecar["model"], num_classes=sidecar["num_classes"], image_size=sidecar["input_size"][-1],
+                         **sidecar.get("model_kwargs", {}))
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model.eval(), sidecar

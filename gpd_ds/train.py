@@ -1,0 +1,453 @@
+"""Training: the entry point (``launch/train.py``, ``gpd-ds train``), ``train_step`` and the step loop.
+
+Per step: static teacher forward (no grad, outside the engine), both GPD modes through the engine, ``GPDLoss``,
+one ``engine.backward`` of the summed loss, ``engine.step``, EMA update. Schedules are functions of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import deepspeed
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from gpd_ds import checkpoint, distributed
+from gpd_ds.config import ConfigError, TrainConfig, apply_overrides
+from gpd_ds.data.demo import cache_dir, demo_dataset
+from gpd_ds.data.loader import ShardList, TrainLoader, eval_loader, resolve_shards
+from gpd_ds.data.transforms import DeviceTransform, eval_transform, train_transform
+from gpd_ds.distributed import DistInfo
+from gpd_ds.ema import ModelEma
+from gpd_ds.engine import autocast_dtype, build_optimizer, effective_lr, load_ds_config, lr_factor, resolve_ds_config
+from gpd_ds.errors import UserInputError
+from gpd_ds.evaluate import evaluate
+from gpd_ds.gpd import expand
+from gpd_ds.losses import GPDLoss, LossOutput
+from gpd_ds.models import create_model
+from gpd_ds.models.teacher import StaticTeacher, build_static_teacher
+from gpd_ds.models.weights import load_weights
+from gpd_ds.progress import Progress
+from gpd_ds.recipes import get_recipe
+from gpd_ds.tracking import Tracker
+
+log = logging.getLogger("gpd_ds")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss stopped being a finite number."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    best: dict = field(default_factory=dict)
+    export: str | None = None
+
+
+def train_step(engine, x: torch.Tensor, y: torch.Tensor, static_teacher: StaticTeacher | None, loss_fn: GPDLoss,
+               gpd: bool, autocast: Callable[[], contextlib.AbstractContextManager]) -> LossOutput:
+    """One micro-step: forwards, one backward of the summed loss, ``engine.step`` (which updates the weights at the
+    end of a gradient-accumulation cycle)."""
+    static_logits = None
+    if static_teacher is not None:
+        with autocast():
+            static_logits = static_teacher(x)
+    if gpd:
+        out = engine(x, mode="both")
+        loss = loss_fn(out.student, out.teacher, y, static_logits)
+    else:
+        loss = loss_fn.plain(engine(x), y, static_logits)
+    engine.backward(loss.total)
+    engine.step()
+    return loss
+
+
+def _autocast_fn(device: torch.device, dtype: torch.dtype | None) -> Callable[[], contextlib.AbstractContextManager]:
+    def autocast() -> contextlib.AbstractContextManager:
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+    return autocast
+
+
+def _data(cfg: TrainConfig, info: DistInfo) -> tuple[ShardList, ShardList]:
+    root = cfg.data.root
+    if root is None:
+        if info.is_main:
+            demo_dataset(progress=True)
+        distributed.barrier()
+        root = str(demo_dataset())
+    train = resolve_shards(root, cfg.data.train_split, allow_pipe=cfg.data.allow_pipe)
+    val = resolve_shards(root, cfg.data.val_split, allow_pipe=cfg.data.allow_pipe)
+    if train.classes != val.classes:
+        raise ConfigError(f"the {cfg.data.train_split} and {cfg.data.val_split} splits of {root!r} have different "
+                          "classes")
+    return train, val
+
+
+def _build_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    m = cfg.model
+    student = create_model(m.student, num_classes=num_classes, image_size=cfg.data.image_size, **m.student_kwargs)
+    if m.student_checkpoint:
+        load_weights(student, m.student_checkpoint, f"student ({m.student})")
+    return student
+
+
+def build_model(cfg: TrainConfig, num_classes: int, noise: bool = True) -> nn.Module:
+    """The trained module: the GPD model (IR of the student) or, for ``method=plain``, the student itself."""
+    student = _build_student(cfg, num_classes)
+    if cfg.model.method == "plain":
+        return student
+    size = cfg.data.image_size
+    return expand(student, width_ratio=cfg.model.width_ratio, noise_std=cfg.model.noise_std if noise else 0.0,
+                  branches=cfg.model.branches, pretrained_student=cfg.scenario == "finetune",
+                  input_size=(3, size, size), verify=noise)
+
+
+def _eval_models(module: nn.Module, gpd: bool, prefix: str = "") -> dict[str, Callable]:
+    if not gpd:
+        return {f"student{prefix}": module}
+    return {f"student{prefix}": lambda x: module(x, mode="student"),
+            f"dynamic_teacher{prefix}": lambda x: module(x, mode="teacher")}
+
+
+def _save_best(run_dir: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
+    best = run_dir / "best"
+    best.mkdir(exist_ok=True)
+    tmp = best / ".model.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, best / "model.safetensors")
+    (best / ".best.json.tmp").write_text(json.dumps(meta, indent=1))
+    os.replace(best / ".best.json.tmp", best / "best.json")
+
+
+def _versions() -> dict[str, str]:
+    import timm
+    import webdataset
+    return {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "timm": timm.__version__, "webdataset": getattr(webdataset, "__version__", "?")}
+
+
+def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: DistInfo) -> RunResult:
+    """Train ``cfg`` to the end (or ``run.max_steps``); checkpoints, evaluations and the export go to ``run_dir``."""
+    cfg.validate()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.seed_all(cfg.run.seed)
+    if cfg.run.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    train_shards, val_shards = _data(cfg, info)
+    num_classes = len(train_shards.classes)
+    ds = resolve_ds_config(ds_config, cfg, info.world_size, info.device)
+    micro, accumulation = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    dtype = autocast_dtype(ds)
+    autocast = _autocast_fn(info.device, dtype)
+    gpd = cfg.model.method == "gpd"
+
+    model = build_model(cfg, num_classes)
+    static_teacher = None
+    if cfg.scenario == "distill":
+        m = cfg.model
+        static_teacher = build_static_teacher(m.static_teacher, num_classes, cfg.data.image_size,
+                                              m.static_teacher_checkpoint, m.static_teacher_pretrained,
+                                              m.static_teacher_train_mode, cfg.data.mean, cfg.data.std)
+        static_teacher = static_teacher.to(info.device)
+        if cfg.run.channels_last:
+            static_teacher = static_teacher.to(memory_format=torch.channels_last)
+
+    augment = cfg.data.augment
+    loader = TrainLoader(train_shards, batch_size=micro, rank=info.rank, world_size=info.world_size,
+                         transform=train_transform(cfg.data.image_size, augment, cfg.data.mean),
+                         num_workers=cfg.data.workers, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                         max_bad_fraction=cfg.data.max_bad_fraction, pin_memory=info.device.type == "cuda")
+    steps_per_epoch = len(loader) // accumulation
+    if steps_per_epoch == 0:
+        raise ConfigError(f"one epoch makes {len(loader)} micro-batches per rank, fewer than the "
+                          f"{accumulation} accumulation steps of one optimizer step; lower the batch size")
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    end_step = min(total_steps, cfg.run.max_steps or total_steps)
+    device_tf = DeviceTransform(num_classes, info.device, augment, cfg.data.mean, cfg.data.std,
+                                cfg.run.channels_last)
+    eval_tf = eval_transform(cfg.data.image_size, cfg.data.crop_pct, cfg.data.interpolation)
+
+    lr = effective_lr(cfg, ds["train_batch_size"])
+    optimizer = build_optimizer(model, cfg, lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch, lr))
+    model = model.to(info.device)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds, dist_init_required=False)
+    ema = ModelEma(engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+    loss_fn = GPDLoss(ce_weight=cfg.loss.ce_weight, kd_weight=cfg.loss.kd_weight,
+                      dynamic_weight=cfg.loss.dynamic_weight, smoothing=cfg.loss.smoothing, kd=cfg.loss.kd,
+                      dkd_alpha=cfg.loss.dkd_alpha, dkd_beta=cfg.loss.dkd_beta, temperature=cfg.loss.temperature)
+    tracker = Tracker(run_dir, enabled=info.is_main)
+    ckpt_root = run_dir / "checkpoints"
+    if info.is_main:
+        record = {"config": cfg.to_dict(), "scenario": cfg.scenario, "ds_config": ds, "world_size": info.world_size,
+                  "device": str(info.device), "classes": list(train_shards.classes), "lr": lr,
+                  "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "versions": _versions()}
+        (run_dir / "config.json").write_text(json.dumps(record, indent=1, default=str))
+        log.info("run %s: recipe %s, scenario %s, %s on %d x %s, global batch %d (%d x %d ranks x %d), lr %.4g, "
+                 "%d steps/epoch x %d epochs", run_dir, cfg.recipe, cfg.scenario, cfg.model.method,
+                 info.world_size, info.device.type, ds["train_batch_size"], micro, info.world_size, accumulation,
+                 lr, steps_per_epoch, cfg.optim.epochs)
+
+    best: dict = {}
+    static_metrics: dict | None = None
+    client = checkpoint.resume(engine, resume, ckpt_root)
+    if client is not None:
+        rank_state = client["ranks"][info.rank] if len(client["ranks"]) == info.world_size else client["ranks"][0]
+        loader.load_state_dict(rank_state["data"])
+        distributed.set_rng_state(rank_state["rng"])
+        if ema is not None:
+            ema.load_state_dict(client["ema"])
+        best, static_metrics = client.get("best", {}), client.get("static_teacher")
+        if client.get("config_digest") != cfg.digest():
+            log.warning("the config differs from the checkpoint's; continuing with the new one")
+    step = engine.global_steps
+    if step >= end_step:
+        log.info("%s already finished at step %d", run_dir, step)
+
+    metrics: dict[str, dict[str, float]] = {}
+
+    def run_eval() -> dict[str, dict[str, float]]:
+        nonlocal static_metrics
+        distributed.average_running_stats(engine.module)
+        models = _eval_models(engine.module, gpd)
+        if ema is not None:
+            distributed.average_running_stats(ema.module)
+            models.update(_eval_models(ema.module, gpd, "_ema"))
+        if static_teacher is not None and static_metrics is None:
+            models["static_teacher"] = static_teacher
+        engine.module.eval()
+        val = eval_loader(val_shards, batch_size=cfg.data.eval_batch_size, rank=info.rank,
+                          world_size=info.world_size, transform=eval_tf, num_workers=cfg.data.workers,
+                          max_bad_fraction=cfg.data.max_bad_fraction)
+        result = evaluate(models, val, device_tf, autocast, show_progress=info.is_main)
+        engine.module.train()
+        if "static_teacher" in result:
+            static_metrics = result["static_teacher"]
+        if static_metrics is not None:
+            result["static_teacher"] = static_metrics
+        return result
+
+    def client_state() -> dict:
+        distributed.average_running_stats(engine.module)
+        if ema is not None:
+            distributed.average_running_stats(ema.module)
+        ranks = distributed.all_gather_object({"data": loader.state_dict(), "rng": distributed.rng_state()})
+        return {"ranks": ranks, "ema": ema.state_dict() if ema is not None else None, "best": best,
+                "static_teacher": static_metrics, "config_digest": cfg.digest(), "step": step,
+                "epoch": step / steps_per_epoch, "tracker": {"run_id": None}}
+
+    engine.train()
+    nonfinite = 0
+    last_saved = step
+    window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+    with Progress(end_step, "train", unit="step", enabled=info.is_main, initial=step) as bar:
+        while step < end_step:
+            epoch = step // steps_per_epoch
+            loader.set_epoch(epoch)
+            epoch_end = min((epoch + 1) * steps_per_epoch, end_step)
+            wait_start = time.perf_counter()
+            for batch in loader:
+                data_wait += time.perf_counter() - wait_start
+                x, y = device_tf(batch.images, batch.labels)
+                loss = train_step(engine, x, y, static_teacher, loss_fn, gpd, autocast)
+                window_samples += x.shape[0] * info.world_size
+                wait_start = time.perf_counter()
+                if engine.global_steps == step:  # inside an accumulation cycle
+                    continue
+                step = engine.global_steps
+                if ema is not None:
+                    ema.update(engine.module)
+                total = loss.total.item()
+                nonfinite = nonfinite + 1 if not math.isfinite(total) else 0
+                if nonfinite > cfg.run.max_nonfinite_steps:
+                    terms = {k: v.item() for k, v in loss.terms.items()}
+                    raise NonFiniteLossError(f"non-finite loss at step {step} (epoch {epoch}): total {total}, "
+                                             f"terms {terms}; the last good checkpoint is in {ckpt_root}")
+                bar.update(1, loss=total, epoch=epoch)
+                if step % cfg.run.log_every_steps == 0 or step == epoch_end:
+                    elapsed = time.perf_counter() - window_start
+                    row = {f"train/{k}": v.item() for k, v in loss.terms.items()}
+                    row.update({"train/loss": total, "train/lr": scheduler.get_last_lr()[0],
+                                "train/images_per_s": window_samples / elapsed,
+                                "train/data_wait": data_wait / elapsed,
+                                "train/bad_samples": loader.bad_samples})
+                    tracker.log(row, step, step / steps_per_epoch)
+                    window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+                if step % cfg.run.checkpoint_every_steps == 0:
+                    checkpoint.save(engine, ckpt_root, step, client_state(), cfg.run.keep_checkpoints, info.is_main)
+                    last_saved = step
+                if step >= epoch_end:
+                    break
+            done_epochs = step // steps_per_epoch
+            if step >= end_step or (step == epoch_end and done_epochs % cfg.run.eval_every_epochs == 0):
+                metrics = run_eval()
+                tracker.log({f"eval/{k}/{m}": v for k, d in metrics.items() for m, v in d.items()}, step,
+                            step / steps_per_epoch)
+                best = _update_best(best, metrics, step, engine.module, ema, run_dir, info)
+                if info.is_main:
+                    log.info("step %d (epoch %.2f): %s", step, step / steps_per_epoch,
+                             ", ".join(f"{k} {d['top1']:.2f}" for k, d in metrics.items()))
+
+    if step != last_saved:
+        checkpoint.save(engine, ckpt_root, step, client_state(), cfg.run.keep_checkpoints, info.is_main)
+    if not metrics:
+        metrics = run_eval()
+    result = RunResult(run_dir, step, metrics, best)
+    if cfg.run.export_at_end and info.is_main:
+        from gpd_ds.export import export_run
+        result.export = str(export_run(run_dir, run_dir / "export" / "student.safetensors", which="best"))
+    distributed.barrier()
+    return result
+
+
+def _update_best(best: dict, metrics: dict, step: int, module: nn.Module, ema: ModelEma | None, run_dir: Path,
+                 info: DistInfo) -> dict:
+    """Best = the highest student top-1 of the live or the EMA weights (the reference's save_metric); those
+    weights are kept in RUN_DIR/best/ for export."""
+    candidates = [("raw", metrics["student"]["top1"])]
+    if ema is not None:
+        candidates.append(("ema", metrics["student_ema"]["top1"]))
+    which, top1 = max(candidates, key=lambda c: c[1])
+    if best and top1 <= best["top1"]:
+        return best
+    best = {"top1": top1, "weights": which, "step": step}
+    if info.is_main:
+        state = (ema.module if which == "ema" else module).state_dict()
+        _save_best(run_dir, state, best)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpd-ds train", description="Train with Gap Preserving Distillation on DeepSpeed. With no data "
+        "arguments it runs the embedded demo.")
+    parser.add_argument("--recipe", default="demo", help="named config (default: demo); see gpd_ds/recipes.py")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set data.root=/data/in1k-wds --set optim.epochs=90")
+    parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<recipe>-<time>)")
+    parser.add_argument("--resume", default="auto", help="auto (newest good checkpoint in the run dir), a "
+                        "checkpoint or run directory, or none")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    deepspeed.add_config_arguments(parser)
+    return parser
+
+
+def _setup_logging(run_dir: Path, rank: int) -> None:
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    console.setFormatter(fmt)
+    file = logging.FileHandler(logs / f"rank{rank}.log")
+    file.setFormatter(fmt)
+    root.addHandler(console)
+    root.addHandler(file)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def _run_dir(args: argparse.Namespace, cfg: TrainConfig) -> Path:
+    if args.run_dir:
+        return Path(args.run_dir)
+    stamp = distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
+    return Path("runs") / f"{cfg.recipe}-{stamp}"
+
+
+def _demo_teacher(ds_config: dict, run_dir: Path, info: DistInfo, overrides: list[str]) -> str:
+    """The demo's static teacher: trained once by the framework itself (no GPD), cached as a plain student."""
+    teacher_cfg = get_recipe("demo_teacher")
+    apply_overrides(teacher_cfg, [o for o in overrides if o.startswith(("data.", "run.seed"))])
+    path = cache_dir() / f"demo-teacher-{teacher_cfg.digest()}.safetensors"
+    if not path.is_file():
+        if info.is_main:
+            log.info("training the demo's static teacher (%s, once; cached at %s)", teacher_cfg.model.student, path)
+        result = train(teacher_cfg, ds_config, run_dir / "static_teacher", "auto", info)
+        if info.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(Path(result.export).read_bytes())
+            os.replace(tmp, path)
+        distributed.barrier()
+    return str(path)
+
+
+def _print_summary(result: RunResult, cfg: TrainConfig) -> None:
+    m = result.metrics
+    rows = [(name, m[key]) for name, key in (("static teacher", "static_teacher"),
+                                             ("dynamic teacher", "dynamic_teacher"),
+                                             ("dynamic teacher (EMA)", "dynamic_teacher_ema"),
+                                             ("student", "student"), ("student (EMA)", "student_ema")) if key in m]
+    print(f"\n{'model':24}{'top-1':>8}{'top-5':>8}   ({m['student']['samples']} val images)")
+    for name, d in rows:
+        print(f"{name:24}{d['top1']:8.2f}{d['top5']:8.2f}")
+    if "dynamic_teacher" in m:
+        if "static_teacher" in m:
+            print(f"gap static - dynamic teacher: {m['static_teacher']['top1'] - m['dynamic_teacher']['top1']:+.2f}")
+        print(f"gap dynamic teacher - student: {m['dynamic_teacher']['top1'] - m['student']['top1']:+.2f}")
+    if result.best:
+        print(f"best student top-1 {result.best['top1']:.2f} ({result.best['weights']} weights, step "
+              f"{result.best['step']})")
+    if result.export:
+        print(f"exported student: {result.export} (+ .json sidecar)")
+    print(f"run directory: {result.run_dir}")
+    if cfg.data.root is None:
+        print("\nOn your own data: gpd-ds make-shards /data/imagenet/train /data/in1k-wds --split train (and val), "
+              "then\n  deepspeed launch/train.py --deepspeed_config ds_configs/zero2.json --recipe "
+              "resnet18_from_resnet34 --set data.root=/data/in1k-wds --set "
+              "model.static_teacher_checkpoint=resnet34.safetensors")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = apply_overrides(get_recipe(args.recipe), args.overrides).validate()
+        if args.print_config:
+            print(json.dumps(cfg.to_dict(), indent=1, default=str))
+            return 0
+        if cfg.data.root is None and cfg.recipe not in ("demo", "demo_teacher"):
+            raise ConfigError(f"recipe {cfg.recipe!r} needs data: --set data.root=/path/to/shards (write them with "
+                              "`gpd-ds make-shards`); only the demo recipes run on the built-in demo data")
+        ds_config = load_ds_config(args.deepspeed_config)
+        info = distributed.init()
+        run_dir = _run_dir(args, cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _setup_logging(run_dir, info.rank)
+        demo_needs_teacher = (cfg.recipe == "demo" and cfg.data.root is None and cfg.model.static_teacher
+                              and not cfg.model.static_teacher_checkpoint and not cfg.model.static_teacher_pretrained)
+        if demo_needs_teacher:
+            cfg.model.static_teacher_checkpoint = _demo_teacher(ds_config, run_dir, info, args.overrides)
+        result = train(cfg, ds_config, run_dir, args.resume, info)
+    except UserInputError as e:
+        print(f"gpd-ds train: error: {e}", file=sys.stderr)
+        return 2
+    if info.is_main:
+        _print_summary(result, cfg)
+    return 0
