@@ -258,7 +258,6 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
 
     engine.train()
     nonfinite = 0
-    last_saved = step
     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
     with Progress(end_step, "train", unit="step", enabled=info.is_main, initial=step) as bar:
         while step < end_step:
@@ -293,9 +292,10 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
                                 "train/bad_samples": loader.bad_samples})
                     tracker.log(row, step, step / steps_per_epoch)
                     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
-                if step % cfg.run.checkpoint_every_steps == 0:
+                # before any evaluation at this step: evaluating draws from the RNG (DataLoader seeds), and a
+                # resumed run must continue from exactly the state an uninterrupted run has here
+                if step % cfg.run.checkpoint_every_steps == 0 or step >= end_step:
                     checkpoint.save(engine, ckpt_root, step, client_state(), cfg.run.keep_checkpoints, info.is_main)
-                    last_saved = step
                 if step >= epoch_end:
                     break
             done_epochs = step // steps_per_epoch
@@ -308,8 +308,6 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
                     log.info("step %d (epoch %.2f): %s", step, step / steps_per_epoch,
                              ", ".join(f"{k} {d['top1']:.2f}" for k, d in metrics.items()))
 
-    if step != last_saved:
-        checkpoint.save(engine, ckpt_root, step, client_state(), cfg.run.keep_checkpoints, info.is_main)
     if not metrics:
         metrics = run_eval()
     result = RunResult(run_dir, step, metrics, best)

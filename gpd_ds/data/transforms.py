@@ -22,7 +22,7 @@ from timm.data.transforms import str_to_pil_interp
 from torchvision.transforms import InterpolationMode, v2
 
 
-@dataclass(frozen=True)
+@dataclass
 class Augment:
     """Train-time augmentation. Defaults are the CNN recipe (RandomResizedCrop + flip only)."""
 
