@@ -75,6 +75,15 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from gpd_ds.report import render
+
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "report"
+    pngs, page = render([Path(d) for d in args.run_dirs], out, args.labels)
+    print(f"wrote {len(pngs)} plots and {page}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpd-ds", description="Gap Preserving Distillation on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--weights", default="best", choices=["best", "last", "last_ema"], help="for a run directory")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("report", help="PNG plots and an HTML page from runs' metrics.jsonl (overlays several runs)")
+    p.add_argument("run_dirs", nargs="+", help="one or more run directories")
+    p.add_argument("--out", default=None, help="output directory (default: FIRST_RUN_DIR/report)")
+    p.add_argument("--labels", nargs="+", default=None, help="a name per run for the legends (e.g. KD GPD)")
+    p.set_defaults(func=_report)
     return parser
 
 

@@ -110,6 +110,20 @@ class RunConfig:
     max_nonfinite_steps: int = 0  # consecutive non-finite losses tolerated (fp16 overflow) before stopping
     export_at_end: bool = True
     channels_last: bool = True
+    eval_at_start: bool = True  # the starting accuracies: the baseline of the dynamic teacher's growth
+
+
+@dataclass
+class TrackConfig:
+    wandb: str = "auto"  # auto (online with WANDB_API_KEY, else offline), online, offline, disabled
+    project: str = "gpd_ds"
+    entity: str | None = None
+    name: str | None = None  # default: the run directory's name
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+    notes: str | None = None
+    init_timeout: float = 60.0  # seconds wandb.init may take before the run goes on without W&B
+    log_artifacts: bool = False  # upload the exported student as a W&B artifact
 
 
 @dataclass
@@ -120,6 +134,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
     @property
     def scenario(self) -> str:
@@ -151,6 +166,8 @@ class TrainConfig:
             (d.workers >= 0, "data.workers", d.workers, "use 0 or more loader processes"),
             (r.log_every_steps >= 1, "run.log_every_steps", r.log_every_steps, "use >= 1"),
             (r.keep_checkpoints >= 1, "run.keep_checkpoints", r.keep_checkpoints, "use >= 1"),
+            (self.track.wandb in ("auto", "online", "offline", "disabled"), "track.wandb", self.track.wandb,
+             "use auto, online, offline or disabled"),
             (not (m.static_teacher_checkpoint and m.static_teacher_pretrained), "model.static_teacher_pretrained",
              m.static_teacher_pretrained, "set either a local static_teacher_checkpoint or pretrained, not both"),
             (m.static_teacher is not None or not (m.static_teacher_checkpoint or m.static_teacher_pretrained),

@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -41,7 +40,7 @@ from gpd_ds.models.teacher import StaticTeacher, build_static_teacher
 from gpd_ds.models.weights import load_weights
 from gpd_ds.progress import Progress
 from gpd_ds.recipes import get_recipe
-from gpd_ds.tracking import Tracker
+from gpd_ds.tracking import Tracker, eval_metrics
 
 log = logging.getLogger("gpd_ds")
 
@@ -143,23 +142,65 @@ def _versions() -> dict[str, str]:
             "timm": timm.__version__, "webdataset": getattr(webdataset, "__version__", "?")}
 
 
-def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: DistInfo) -> RunResult:
-    """Train ``cfg`` to the end (or ``run.max_steps``); checkpoints, evaluations and the export go to ``run_dir``."""
-    cfg.validate()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    distributed.seed_all(cfg.run.seed)
-    if cfg.run.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+class NonFiniteWatch:
+    """Counts consecutive non-finite losses on the device, so there is no host sync per step. ``check()`` (at log
+    intervals, before every checkpoint and evaluation) raises with the first offending step and its loss terms."""
+
+    def __init__(self, limit: int, device: torch.device) -> None:
+        self.limit = limit
+        self.run = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.terms: torch.Tensor | None = None
+        self.names: list[str] = []
+
+    def update(self, loss: LossOutput, step: int) -> None:
+        values = torch.stack([loss.total.detach().float(), *(v.detach().float() for v in loss.terms.values())])
+        if self.terms is None:
+            self.names, self.terms = ["total", *loss.terms], torch.zeros_like(values)
+        bad = ~torch.isfinite(values[0])
+        self.run = torch.where(bad, self.run + 1, torch.zeros_like(self.run))
+        trigger = (self.run > self.limit) & (self.first_step < 0)
+        self.first_step = torch.where(trigger, torch.full_like(self.first_step, step), self.first_step)
+        self.terms = torch.where(trigger, values, self.terms)
+
+    def check(self, where: Path) -> None:
+        step = int(self.first_step.item())
+        if step >= 0:
+            terms = dict(zip(self.names, self.terms.tolist(), strict=True))
+            raise NonFiniteLossError(f"non-finite loss at step {step} (more than {self.limit} in a row): {terms}; "
+                                     f"the last good checkpoint is in {where}")
+
+
+@dataclass
+class _Run:
+    """Everything a training run is made of, built by :func:`_assemble`."""
+
+    engine: object
+    ema: ModelEma | None
+    static_teacher: StaticTeacher | None
+    loader: TrainLoader
+    val_shards: ShardList
+    device_tf: DeviceTransform
+    eval_tf: Callable
+    loss_fn: GPDLoss
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    ds: dict
+    lr: float
+    steps_per_epoch: int
+    total_steps: int
+    end_step: int
+    classes: list[str]
+
+    @property
+    def gpd(self) -> bool:
+        return hasattr(self.engine.module, "width_ratio")
+
+
+def _assemble(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> _Run:
     train_shards, val_shards = _data(cfg, info)
     num_classes = len(train_shards.classes)
     ds = resolve_ds_config(ds_config, cfg, info.world_size, info.device)
     micro, accumulation = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    dtype = autocast_dtype(ds)
-    autocast = _autocast_fn(info.device, dtype)
-    gpd = cfg.model.method == "gpd"
-
     model = build_model(cfg, num_classes)
     static_teacher = None
     if cfg.scenario == "distill":
@@ -170,7 +211,6 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
         static_teacher = static_teacher.to(info.device)
         if cfg.run.channels_last:
             static_teacher = static_teacher.to(memory_format=torch.channels_last)
-
     augment = cfg.data.augment
     loader = TrainLoader(train_shards, batch_size=micro, rank=info.rank, world_size=info.world_size,
                          transform=train_transform(cfg.data.image_size, augment, cfg.data.mean),
@@ -181,94 +221,138 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
         raise ConfigError(f"one epoch makes {len(loader)} micro-batches per rank, fewer than the "
                           f"{accumulation} accumulation steps of one optimizer step; lower the batch size")
     total_steps = steps_per_epoch * cfg.optim.epochs
-    end_step = min(total_steps, cfg.run.max_steps or total_steps)
-    device_tf = DeviceTransform(num_classes, info.device, augment, cfg.data.mean, cfg.data.std,
-                                cfg.run.channels_last)
-    eval_tf = eval_transform(cfg.data.image_size, cfg.data.crop_pct, cfg.data.interpolation)
-
     lr = effective_lr(cfg, ds["train_batch_size"])
     optimizer = build_optimizer(model, cfg, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch, lr))
-    model = model.to(info.device)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=ds, dist_init_required=False)
-    ema = ModelEma(engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
-    loss_fn = GPDLoss(ce_weight=cfg.loss.ce_weight, kd_weight=cfg.loss.kd_weight,
-                      dynamic_weight=cfg.loss.dynamic_weight, smoothing=cfg.loss.smoothing, kd=cfg.loss.kd,
-                      dkd_alpha=cfg.loss.dkd_alpha, dkd_beta=cfg.loss.dkd_beta, temperature=cfg.loss.temperature)
-    tracker = Tracker(run_dir, enabled=info.is_main)
-    ckpt_root = run_dir / "checkpoints"
+    engine, _, _, _ = deepspeed.initialize(model=model.to(info.device), optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds, dist_init_required=False)
+    return _Run(
+        engine=engine, ema=ModelEma(engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None,
+        static_teacher=static_teacher, loader=loader, val_shards=val_shards,
+        device_tf=DeviceTransform(num_classes, info.device, augment, cfg.data.mean, cfg.data.std,
+                                  cfg.run.channels_last),
+        eval_tf=eval_transform(cfg.data.image_size, cfg.data.crop_pct, cfg.data.interpolation),
+        loss_fn=GPDLoss(ce_weight=cfg.loss.ce_weight, kd_weight=cfg.loss.kd_weight,
+                        dynamic_weight=cfg.loss.dynamic_weight, smoothing=cfg.loss.smoothing, kd=cfg.loss.kd,
+                        dkd_alpha=cfg.loss.dkd_alpha, dkd_beta=cfg.loss.dkd_beta, temperature=cfg.loss.temperature),
+        autocast=_autocast_fn(info.device, autocast_dtype(ds)), ds=ds, lr=lr, steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps, end_step=min(total_steps, cfg.run.max_steps or total_steps),
+        classes=list(train_shards.classes))
+
+
+def _evaluate(r: _Run, cfg: TrainConfig, info: DistInfo, static_metrics: dict | None, with_ema: bool
+              ) -> dict[str, dict[str, float]]:
+    """Student and dynamic teacher (live, and EMA if ``with_ema``), and the static teacher unless known."""
+    module = r.engine.module
+    distributed.average_running_stats(module)
+    models = _eval_models(module, r.gpd)
+    if r.ema is not None and with_ema:
+        distributed.average_running_stats(r.ema.module)
+        models.update(_eval_models(r.ema.module, r.gpd, "_ema"))
+    if r.static_teacher is not None and static_metrics is None:
+        models["static_teacher"] = r.static_teacher
+    module.eval()
+    val = eval_loader(r.val_shards, batch_size=cfg.data.eval_batch_size, rank=info.rank, world_size=info.world_size,
+                      transform=r.eval_tf, num_workers=cfg.data.workers, max_bad_fraction=cfg.data.max_bad_fraction)
+    result = evaluate(models, val, r.device_tf, r.autocast, show_progress=info.is_main)
+    module.train()
+    if static_metrics is not None:
+        result["static_teacher"] = static_metrics
+    return result
+
+
+def _train_row(r: _Run, loss: LossOutput, elapsed: float, samples: int, data_wait: float) -> dict[str, float]:
+    """The per-interval training metrics (the only place the loop syncs with the device)."""
+    row = {f"train/{k}": v.item() for k, v in loss.terms.items()}
+    row.update({"train/loss": loss.total.item(), "train/lr": r.engine.get_lr()[0],
+                "train/images_per_s": samples / elapsed, "train/data_wait": data_wait / elapsed,
+                "train/bad_samples": r.loader.bad_samples})
+    norm = r.engine.get_global_grad_norm()
+    if norm is not None:
+        row["train/grad_norm"] = float(norm)
+    scaler = getattr(r.engine.optimizer, "torch_autocast_gradscaler", None)
+    if scaler is not None:
+        row["train/loss_scale"] = float(scaler.get_scale())
+        row["train/skipped_steps"] = r.engine.skipped_steps
+    if torch.cuda.is_available():
+        row["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: DistInfo) -> RunResult:
+    """Train ``cfg`` to the end (or ``run.max_steps``); checkpoints, evaluations and the export go to ``run_dir``."""
+    cfg.validate()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.seed_all(cfg.run.seed)
+    if cfg.run.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    r = _assemble(cfg, ds_config, info)
+    engine, ema, spe, ckpt_root = r.engine, r.ema, r.steps_per_epoch, run_dir / "checkpoints"
+    global_batch = r.ds["train_batch_size"]
+    record = {"config": cfg.to_dict(), "scenario": cfg.scenario, "ds_config": r.ds, "world_size": info.world_size,
+              "device": str(info.device), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+              "classes": r.classes, "lr": r.lr, "steps_per_epoch": spe, "total_steps": r.total_steps,
+              "versions": _versions()}
     if info.is_main:
-        record = {"config": cfg.to_dict(), "scenario": cfg.scenario, "ds_config": ds, "world_size": info.world_size,
-                  "device": str(info.device), "classes": list(train_shards.classes), "lr": lr,
-                  "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "versions": _versions()}
         (run_dir / "config.json").write_text(json.dumps(record, indent=1, default=str))
         log.info("run %s: recipe %s, scenario %s, %s on %d x %s, global batch %d (%d x %d ranks x %d), lr %.4g, "
                  "%d steps/epoch x %d epochs", run_dir, cfg.recipe, cfg.scenario, cfg.model.method,
-                 info.world_size, info.device.type, ds["train_batch_size"], micro, info.world_size, accumulation,
-                 lr, steps_per_epoch, cfg.optim.epochs)
+                 info.world_size, info.device.type, global_batch, r.ds["train_micro_batch_size_per_gpu"],
+                 info.world_size, r.ds["gradient_accumulation_steps"], r.lr, spe, cfg.optim.epochs)
 
-    best: dict = {}
-    static_metrics: dict | None = None
+    # state that outlives a restart, besides the engine's: kept in the checkpoint's client state
+    kept: dict = {"best": {}, "static_teacher": None, "start_dynamic_top1": None, "wandb_run_id": None}
     client = checkpoint.resume(engine, resume, ckpt_root)
     if client is not None:
         rank_state = client["ranks"][info.rank] if len(client["ranks"]) == info.world_size else client["ranks"][0]
-        loader.load_state_dict(rank_state["data"])
+        r.loader.load_state_dict(rank_state["data"])
         distributed.set_rng_state(rank_state["rng"])
         if ema is not None:
             ema.load_state_dict(client["ema"])
-        best, static_metrics = client.get("best", {}), client.get("static_teacher")
+        kept.update(client["kept"])
         if client.get("config_digest") != cfg.digest():
             log.warning("the config differs from the checkpoint's; continuing with the new one")
+    tracker = Tracker(run_dir, cfg.track, record, info.is_main, kept["wandb_run_id"])
+    kept["wandb_run_id"] = distributed.broadcast_object(tracker.run_id)
+    distributed.barrier()  # every rank waits for rank 0's (time-limited) W&B start, then all go on together
+
+    def client_state(step: int) -> dict:
+        distributed.average_running_stats(engine.module)
+        if ema is not None:
+            distributed.average_running_stats(ema.module)
+        ranks = distributed.all_gather_object({"data": r.loader.state_dict(), "rng": distributed.rng_state()})
+        return {"ranks": ranks, "ema": ema.state_dict() if ema is not None else None, "kept": kept,
+                "config_digest": cfg.digest(), "step": step, "epoch": step / spe}
+
+    def log_eval(results: dict, step: int) -> None:
+        if "static_teacher" in results:
+            kept["static_teacher"] = results["static_teacher"]
+        if kept["start_dynamic_top1"] is None and "dynamic_teacher" in results:
+            kept["start_dynamic_top1"] = results["dynamic_teacher"]["top1"]
+        tracker.log(eval_metrics(results, kept["start_dynamic_top1"]), step, step / spe, step * global_batch)
+        if info.is_main:
+            log.info("step %d (epoch %.2f): %s", step, step / spe,
+                     ", ".join(f"{k} {d['top1']:.2f}" for k, d in results.items()))
+
     step = engine.global_steps
-    if step >= end_step:
-        log.info("%s already finished at step %d", run_dir, step)
-
     metrics: dict[str, dict[str, float]] = {}
-
-    def run_eval() -> dict[str, dict[str, float]]:
-        nonlocal static_metrics
-        distributed.average_running_stats(engine.module)
-        models = _eval_models(engine.module, gpd)
-        if ema is not None:
-            distributed.average_running_stats(ema.module)
-            models.update(_eval_models(ema.module, gpd, "_ema"))
-        if static_teacher is not None and static_metrics is None:
-            models["static_teacher"] = static_teacher
-        engine.module.eval()
-        val = eval_loader(val_shards, batch_size=cfg.data.eval_batch_size, rank=info.rank,
-                          world_size=info.world_size, transform=eval_tf, num_workers=cfg.data.workers,
-                          max_bad_fraction=cfg.data.max_bad_fraction)
-        result = evaluate(models, val, device_tf, autocast, show_progress=info.is_main)
-        engine.module.train()
-        if "static_teacher" in result:
-            static_metrics = result["static_teacher"]
-        if static_metrics is not None:
-            result["static_teacher"] = static_metrics
-        return result
-
-    def client_state() -> dict:
-        distributed.average_running_stats(engine.module)
-        if ema is not None:
-            distributed.average_running_stats(ema.module)
-        ranks = distributed.all_gather_object({"data": loader.state_dict(), "rng": distributed.rng_state()})
-        return {"ranks": ranks, "ema": ema.state_dict() if ema is not None else None, "best": best,
-                "static_teacher": static_metrics, "config_digest": cfg.digest(), "step": step,
-                "epoch": step / steps_per_epoch, "tracker": {"run_id": None}}
-
+    if client is None and cfg.run.eval_at_start and step < r.end_step:
+        log_eval(_evaluate(r, cfg, info, kept["static_teacher"], with_ema=False), step)
+    watch = NonFiniteWatch(cfg.run.max_nonfinite_steps, info.device)
     engine.train()
-    nonfinite = 0
     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
-    with Progress(end_step, "train", unit="step", enabled=info.is_main, initial=step) as bar:
-        while step < end_step:
-            epoch = step // steps_per_epoch
-            loader.set_epoch(epoch)
-            epoch_end = min((epoch + 1) * steps_per_epoch, end_step)
+    with Progress(r.end_step, "train", unit="step", enabled=info.is_main, initial=step) as bar:
+        while step < r.end_step:
+            epoch = step // spe
+            r.loader.set_epoch(epoch)
+            epoch_end = min((epoch + 1) * spe, r.end_step)
             wait_start = time.perf_counter()
-            for batch in loader:
+            for batch in r.loader:
                 data_wait += time.perf_counter() - wait_start
-                x, y = device_tf(batch.images, batch.labels)
-                loss = train_step(engine, x, y, static_teacher, loss_fn, gpd, autocast)
+                x, y = r.device_tf(batch.images, batch.labels)
+                loss = train_step(engine, x, y, r.static_teacher, r.loss_fn, r.gpd, r.autocast)
                 window_samples += x.shape[0] * info.world_size
                 wait_start = time.perf_counter()
                 if engine.global_steps == step:  # inside an accumulation cycle
@@ -276,44 +360,38 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
                 step = engine.global_steps
                 if ema is not None:
                     ema.update(engine.module)
-                total = loss.total.item()
-                nonfinite = nonfinite + 1 if not math.isfinite(total) else 0
-                if nonfinite > cfg.run.max_nonfinite_steps:
-                    terms = {k: v.item() for k, v in loss.terms.items()}
-                    raise NonFiniteLossError(f"non-finite loss at step {step} (epoch {epoch}): total {total}, "
-                                             f"terms {terms}; the last good checkpoint is in {ckpt_root}")
-                bar.update(1, loss=total, epoch=epoch)
+                watch.update(loss, step)
+                bar.update(1)
                 if step % cfg.run.log_every_steps == 0 or step == epoch_end:
+                    watch.check(ckpt_root)
                     elapsed = time.perf_counter() - window_start
-                    row = {f"train/{k}": v.item() for k, v in loss.terms.items()}
-                    row.update({"train/loss": total, "train/lr": scheduler.get_last_lr()[0],
-                                "train/images_per_s": window_samples / elapsed,
-                                "train/data_wait": data_wait / elapsed,
-                                "train/bad_samples": loader.bad_samples})
-                    tracker.log(row, step, step / steps_per_epoch)
+                    row = _train_row(r, loss, elapsed, window_samples, data_wait)
+                    tracker.log(row, step, step / spe, step * global_batch)
+                    bar.update(0, loss=row["train/loss"], img_s=round(row["train/images_per_s"]), epoch=epoch)
                     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
                 # before any evaluation at this step: evaluating draws from the RNG (DataLoader seeds), and a
                 # resumed run must continue from exactly the state an uninterrupted run has here
-                if step % cfg.run.checkpoint_every_steps == 0 or step >= end_step:
-                    checkpoint.save(engine, ckpt_root, step, client_state(), cfg.run.keep_checkpoints, info.is_main)
+                if step % cfg.run.checkpoint_every_steps == 0 or step >= r.end_step:
+                    watch.check(ckpt_root)
+                    checkpoint.save(engine, ckpt_root, step, client_state(step), cfg.run.keep_checkpoints,
+                                    info.is_main)
                 if step >= epoch_end:
                     break
-            done_epochs = step // steps_per_epoch
-            if step >= end_step or (step == epoch_end and done_epochs % cfg.run.eval_every_epochs == 0):
-                metrics = run_eval()
-                tracker.log({f"eval/{k}/{m}": v for k, d in metrics.items() for m, v in d.items()}, step,
-                            step / steps_per_epoch)
-                best = _update_best(best, metrics, step, engine.module, ema, run_dir, info)
-                if info.is_main:
-                    log.info("step %d (epoch %.2f): %s", step, step / steps_per_epoch,
-                             ", ".join(f"{k} {d['top1']:.2f}" for k, d in metrics.items()))
+            if step >= r.end_step or (step == epoch_end and (step // spe) % cfg.run.eval_every_epochs == 0):
+                metrics = _evaluate(r, cfg, info, kept["static_teacher"], with_ema=True)
+                log_eval(metrics, step)
+                kept["best"] = _update_best(kept["best"], metrics, step, engine.module, ema, run_dir, info)
 
     if not metrics:
-        metrics = run_eval()
-    result = RunResult(run_dir, step, metrics, best)
+        metrics = _evaluate(r, cfg, info, kept["static_teacher"], with_ema=True)
+    result = RunResult(run_dir, step, metrics, kept["best"])
     if cfg.run.export_at_end and info.is_main:
         from gpd_ds.export import export_run
         result.export = str(export_run(run_dir, run_dir / "export" / "student.safetensors", which="best"))
+    if kept["best"]:
+        tracker.summary({"best/student_top1": kept["best"]["top1"], "best/weights": kept["best"]["weights"],
+                         "best/step": kept["best"]["step"]})
+    tracker.finish({"student": Path(result.export)} if result.export else None)
     distributed.barrier()
     return result
 
