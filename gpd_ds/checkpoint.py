@@ -45,7 +45,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def save(engine, root: Path, step: int, client_state: dict, keep: int, is_main: bool) -> Path:
+def save(engine, root: Path, step: int, client_state: dict, keep: int, is_main: bool, world_size: int) -> Path:
     """Save on every rank; rank 0 marks it complete and prunes old and incomplete checkpoints."""
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
@@ -53,7 +53,7 @@ def save(engine, root: Path, step: int, client_state: dict, keep: int, is_main: 
     path = root / tag
     if is_main:
         tmp = path / f".{MARKER}.tmp"
-        tmp.write_text(json.dumps({"step": step, "time": time.time()}))
+        tmp.write_text(json.dumps({"step": step, "time": time.time(), "world_size": world_size}))
         os.replace(tmp, path / MARKER)
         complete = complete_checkpoints(root)
         for old in complete[keep:]:
@@ -83,16 +83,33 @@ def _candidates(spec: str, root: Path) -> list[Path]:
                       "or a run directory holding checkpoints/)")
 
 
-def resume(engine, spec: str, root: Path) -> dict | None:
+def _load(engine, path: Path, world_size: int) -> dict | None:
+    """Load one checkpoint. Written by another number of ranks, it loads the weights, EMA, schedule and step but
+    not the optimizer state: ZeRO's optimizer partitions cannot be re-sharded, so SGD momentum / Adam moments
+    restart (a warning says so)."""
+    written_by = json.loads((path / MARKER).read_text()).get("world_size", world_size)
+    elastic = written_by != world_size
+    if elastic:
+        log.warning("checkpoint %s was written by %d ranks and this job has %d: resuming the weights, EMA, schedule "
+                    "and step; the optimizer state (momentum) restarts", path, written_by, world_size)
+    load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
+                                               load_optimizer_states=not elastic, load_lr_scheduler_states=True)
+    if elastic and load_path is not None and hasattr(engine.optimizer, "refresh_fp32_params"):
+        # where the ZeRO optimizer keeps its own fp32 copy (DeepSpeed's fp16/bf16 blocks), it must follow the
+        # loaded weights; with torch_autocast's fp32 parameters this is a no-op
+        engine.optimizer.refresh_fp32_params()
+    return client if load_path is not None else None
+
+
+def resume(engine, spec: str, root: Path, world_size: int) -> dict | None:
     """Load the checkpoint ``spec`` names (``auto``: the newest complete one under ``root``; ``none``: nothing)
     into ``engine`` on every rank; return the client state, or None when starting fresh."""
     if spec == "none":
         return None
     for path in _candidates(spec, root):
         try:
-            load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
-                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
-            error = None if load_path is not None else "DeepSpeed found nothing to load"
+            client = _load(engine, path, world_size)
+            error = None if client is not None else "DeepSpeed found nothing to load"
         except _READ_ERRORS as e:
             client, error = None, f"{type(e).__name__}: {str(e)[:300]}"
         errors = [e for e in all_gather_object(error) if e]

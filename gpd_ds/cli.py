@@ -84,6 +84,17 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preflight(args: argparse.Namespace) -> int:
+    import os
+
+    from gpd_ds.cluster import preflight
+
+    allow_cpu = args.allow_cpu or os.environ.get("GPD_DS_ALLOW_CPU") == "1"
+    for line in preflight(args.hostfile, args.gpus, args.data, allow_cpu):
+        print(f"preflight: {line}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpd-ds", description="Gap Preserving Distillation on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: FIRST_RUN_DIR/report)")
     p.add_argument("--labels", nargs="+", default=None, help="a name per run for the legends (e.g. KD GPD)")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("preflight", help="check this node before a launch: hostfile, GPUs, data (used by launch/)")
+    p.add_argument("--hostfile", default=None)
+    p.add_argument("--gpus", type=int, default=None, help="GPUs this node must have (default: the hostfile's slots)")
+    p.add_argument("--data", default=None, help="shards root that must be visible here")
+    p.add_argument("--allow-cpu", action="store_true", help="accept a node without GPUs (a CPU rehearsal)")
+    p.set_defaults(func=_preflight)
     return parser
 
 

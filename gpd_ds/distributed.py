@@ -5,14 +5,23 @@ from __future__ import annotations
 import os
 import random
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
 
 import deepspeed
 import deepspeed.comm as dist
 import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
+
+from gpd_ds.errors import UserInputError
+
+T = TypeVar("T")
+# Long evaluations and checkpoint writes must not trip the collective watchdog (DeepSpeed's default is 30 min).
+COLLECTIVE_TIMEOUT = timedelta(minutes=int(os.environ.get("GPD_DS_COLLECTIVE_TIMEOUT_MIN", "120")))
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,8 @@ def init() -> DistInfo:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   timeout=COLLECTIVE_TIMEOUT)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
@@ -48,6 +58,42 @@ def init() -> DistInfo:
         accelerator.set_device(local_rank)
         device = torch.device(accelerator.device_name(local_rank))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def on_all_ranks(fn: Callable[[], T], what: str) -> T:
+    """Run ``fn`` on every rank; if it fails on any (a file missing on one node, say), fail on all ranks with
+    every rank's error and host, instead of leaving the healthy ranks waiting in the next collective."""
+    try:
+        result, error = fn(), None
+    except UserInputError as e:
+        result, error = None, str(e)
+    reports = all_gather_object((socket.gethostname(), error))
+    bad = [(rank, host, err) for rank, (host, err) in enumerate(reports) if err]
+    if bad:
+        details = "; ".join(f"rank {rank} on {host}: {err}" for rank, host, err in bad[:4])
+        raise UserInputError(f"{what} failed on {len(bad)} of {len(reports)} ranks: {details}")
+    return result
+
+
+def check_shared_dir(run_dir: Path, info: DistInfo) -> None:
+    """Every rank must see the same run directory (checkpoints are written by all ranks and read back by all).
+    Each rank writes a marker; rank 0 checks that it sees all of them."""
+    marks = run_dir / ".ranks"
+    marks.mkdir(parents=True, exist_ok=True)
+    (marks / f"{info.rank}").write_text(socket.gethostname())
+    barrier()
+    missing = None
+    if info.is_main:
+        missing = [r for r in range(info.world_size) if not (marks / str(r)).is_file()]
+    missing = broadcast_object(missing)
+    barrier()
+    if info.is_main:
+        for r in range(info.world_size):
+            (marks / str(r)).unlink(missing_ok=True)
+    if missing:
+        raise UserInputError(f"the run directory {run_dir} is not shared between nodes: rank 0 "
+                             f"({socket.gethostname()}) cannot see the files of ranks {missing[:8]}; put --run-dir "
+                             "on a file system every node mounts")
 
 
 def barrier() -> None:

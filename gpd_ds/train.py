@@ -20,6 +20,11 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 from safetensors.torch import save_file
 from torch import nn
 
@@ -197,17 +202,18 @@ class _Run:
 
 
 def _assemble(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> _Run:
-    train_shards, val_shards = _data(cfg, info)
+    train_shards, val_shards = distributed.on_all_ranks(lambda: _data(cfg, info), "finding the data")
     num_classes = len(train_shards.classes)
     ds = resolve_ds_config(ds_config, cfg, info.world_size, info.device)
     micro, accumulation = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    model = build_model(cfg, num_classes)
+    model = distributed.on_all_ranks(lambda: build_model(cfg, num_classes), "building the model")
     static_teacher = None
     if cfg.scenario == "distill":
         m = cfg.model
-        static_teacher = build_static_teacher(m.static_teacher, num_classes, cfg.data.image_size,
-                                              m.static_teacher_checkpoint, m.static_teacher_pretrained,
-                                              m.static_teacher_train_mode, cfg.data.mean, cfg.data.std)
+        static_teacher = distributed.on_all_ranks(lambda: build_static_teacher(
+            m.static_teacher, num_classes, cfg.data.image_size, m.static_teacher_checkpoint,
+            m.static_teacher_pretrained, m.static_teacher_train_mode, cfg.data.mean, cfg.data.std),
+            "loading the static teacher")
         static_teacher = static_teacher.to(info.device)
         if cfg.run.channels_last:
             static_teacher = static_teacher.to(memory_format=torch.channels_last)
@@ -283,6 +289,7 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
     """Train ``cfg`` to the end (or ``run.max_steps``); checkpoints, evaluations and the export go to ``run_dir``."""
     cfg.validate()
     run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.check_shared_dir(run_dir, info)
     distributed.seed_all(cfg.run.seed)
     if cfg.run.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -304,7 +311,7 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
 
     # state that outlives a restart, besides the engine's: kept in the checkpoint's client state
     kept: dict = {"best": {}, "static_teacher": None, "start_dynamic_top1": None, "wandb_run_id": None}
-    client = checkpoint.resume(engine, resume, ckpt_root)
+    client = checkpoint.resume(engine, resume, ckpt_root, info.world_size)
     if client is not None:
         rank_state = client["ranks"][info.rank] if len(client["ranks"]) == info.world_size else client["ranks"][0]
         r.loader.load_state_dict(rank_state["data"])
@@ -324,7 +331,9 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
             distributed.average_running_stats(ema.module)
         ranks = distributed.all_gather_object({"data": r.loader.state_dict(), "rng": distributed.rng_state()})
         return {"ranks": ranks, "ema": ema.state_dict() if ema is not None else None, "kept": kept,
-                "config_digest": cfg.digest(), "step": step, "epoch": step / spe}
+                "config_digest": cfg.digest(), "step": step, "epoch": step / spe,
+                # lets DeepSpeed's ds_to_universal convert the checkpoint for another number of ranks
+                UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 
     def log_eval(results: dict, step: int) -> None:
         if "static_teacher" in results:
@@ -374,7 +383,7 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
                 if step % cfg.run.checkpoint_every_steps == 0 or step >= r.end_step:
                     watch.check(ckpt_root)
                     checkpoint.save(engine, ckpt_root, step, client_state(step), cfg.run.keep_checkpoints,
-                                    info.is_main)
+                                    info.is_main, info.world_size)
                 if step >= epoch_end:
                     break
             if step >= r.end_step or (step == epoch_end and (step // spe) % cfg.run.eval_every_epochs == 0):

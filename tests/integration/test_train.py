@@ -212,3 +212,22 @@ def test_readme_main_command_runs_the_demo(tmp_path: Path) -> None:
     assert student_top1 > 80.0
     exported = Path(next(line.split()[2] for line in out.splitlines() if line.startswith("exported student:")))
     assert (tmp_path / exported).is_file()
+
+
+@pytest.mark.slow
+def test_elastic_resume_on_fewer_ranks_keeps_the_weights(workspace: Path) -> None:
+    """2 ranks write the checkpoint, 1 rank resumes: weights, EMA, step and schedule come back; momentum restarts.
+    With a ~0 lr the next checkpoint must hold the loaded weights."""
+    run = workspace / "elastic"
+    args = ["--run-dir", str(run), *_scratch(workspace)]
+    check(launch(workspace, 2, [*args, "--set", "run.max_steps=6"]))
+    check(launch(workspace, 1, [*args, "--set", "run.max_steps=7", "--set", "optim.lr=1e-12"]))
+    log = (run / "logs" / "rank0.log").read_text()
+    assert "was written by 2 ranks and this job has 1" in log
+    ckpt = run / "checkpoints"
+    before = torch.load(ckpt / "step000000006" / "mp_rank_00_model_states.pt", weights_only=False)
+    after = torch.load(ckpt / "step000000007" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert after["step"] == 7
+    for name, value in before["module"].items():
+        if value.is_floating_point() and "running_" not in name:
+            torch.testing.assert_close(after["module"][name], value, rtol=0, atol=1e-6, msg=name)
