@@ -1,0 +1,215 @@
+"""GPD step throughput: the framework's real ``train_step`` against a hand-written PyTorch GPD step.
+
+In one process, in rotating order, on the same batch, precision and memory format (channels_last input):
+
+* ``framework zeroN``: DeepSpeed engine (ZeRO stage N) around ``expand(student)`` + ``StaticTeacher`` + ``GPDLoss``,
+  through ``gpd_ds.train.train_step``: static teacher forward, both GPD modes, one backward, ``engine.step``;
+* ``hand-written GPD``: plain timm student, a plain timm model twice as wide (the dynamic teacher's shape, its own
+  weights), the static teacher, the same losses, one backward of the sum, clip 5, SGD step;
+* ``hand-written KD`` (static teacher + student, CE + DKD) and ``CE only``, for context.
+
+Prints images/s, framework / hand-written, and GPD time / KD time for both.
+
+    python bench/step_throughput.py                                  # CPU: small images, few steps
+    python bench/step_throughput.py --device cuda --image-size 224 --batch 256 --steps 20 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import deepspeed
+import timm
+import torch
+from timm.models.efficientnet import _gen_mobilenet_v1
+from timm.models.resnet import BasicBlock, ResNet
+
+from gpd_ds import distributed
+from gpd_ds.gpd import expand
+from gpd_ds.losses import GPDLoss, cross_entropy, dkd, soft_cross_entropy
+from gpd_ds.models import create_model
+from gpd_ds.models.teacher import StaticTeacher
+from gpd_ds.train import train_step
+
+NUM_CLASSES = 1000
+
+
+def _wide(pair: str, size: int) -> torch.nn.Module:
+    """A plain model of the dynamic teacher's shape (every internal width x2)."""
+    if pair == "r34_r18":
+        return ResNet(BasicBlock, [2, 2, 2, 2], channels=(128, 256, 512, 1024), stem_width=128,
+                      num_classes=NUM_CLASSES)
+    if pair == "r50_mbv1":
+        return _gen_mobilenet_v1("mobilenetv1_100", 2.0, num_classes=NUM_CLASSES)
+    return timm.create_model("vit_small_patch16_224", img_size=size, num_classes=NUM_CLASSES)
+
+
+PAIRS = {  # student, static teacher, DKD beta
+    "r34_r18": ("resnet18", "resnet34", 0.5),
+    "r50_mbv1": ("mobilenetv1_100", "resnet50", 2.0),
+    "deits_deitti": ("deit_tiny_patch16_224", "deit_small_patch16_224", 0.5),
+}
+
+
+class Variant:
+    def __init__(self, name: str, step, images: int) -> None:
+        self.name, self.step, self.images, self.rates = name, step, images, []
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Inputs:
+    """The batch, the static teacher and the autocast context shared by every variant of one pair."""
+
+    def __init__(self, pair: str, args: argparse.Namespace, device: torch.device) -> None:
+        self.pair, self.args, self.device = pair, args, device
+        self.student_name, teacher_name, self.beta = PAIRS[pair]
+        self.size, self.batch = args.image_size, args.batch
+        self.dtype = torch.bfloat16 if device.type == "cuda" else None
+        torch.manual_seed(0)
+        self.x = torch.randn(self.batch, 3, self.size, self.size, device=device)
+        self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(0, NUM_CLASSES, (self.batch,), device=device)
+        model = create_model(teacher_name, num_classes=NUM_CLASSES, image_size=self.size)
+        self.teacher = StaticTeacher(model, False, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).to(device)
+        self.teacher = self.teacher.to(memory_format=torch.channels_last)
+        self.teacher_fn = torch.compile(self.teacher) if args.compile else self.teacher
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+
+    def student(self) -> torch.nn.Module:
+        return create_model(self.student_name, num_classes=NUM_CLASSES, image_size=self.size).to(self.device)
+
+    def maybe_compile(self, module: torch.nn.Module) -> torch.nn.Module:
+        return torch.compile(module) if self.args.compile else module
+
+
+def framework(inp: Inputs, stage: int) -> Variant:
+    student = create_model(inp.student_name, num_classes=NUM_CLASSES, image_size=inp.size)
+    model = expand(student, input_size=(3, inp.size, inp.size), verify=False).to(inp.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    ds = {"train_batch_size": inp.batch, "train_micro_batch_size_per_gpu": inp.batch, "gradient_clipping": 5.0,
+          "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
+          "torch_autocast": {"enabled": inp.dtype is not None, "dtype": "bfloat16"}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, dist_init_required=False)
+    if inp.args.compile:
+        engine.compile()
+    loss_fn = GPDLoss(kd="dkd", dkd_beta=inp.beta)
+    return Variant(f"framework zero{stage}",
+                   lambda: train_step(engine, inp.x, inp.y, inp.teacher_fn, loss_fn, True, inp.autocast), inp.batch)
+
+
+def hand_written_gpd(inp: Inputs) -> Variant:
+    student, wide = inp.maybe_compile(inp.student()), inp.maybe_compile(_wide(inp.pair, inp.size).to(inp.device))
+    params = [*student.parameters(), *wide.parameters()]
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    x, y, beta = inp.x, inp.y, inp.beta
+
+    def step() -> None:
+        with inp.autocast():
+            z_static = inp.teacher_fn(x)
+            z_t, z_s = wide(x), student(x)
+        loss = (cross_entropy(z_t, y) + cross_entropy(z_s, y) + 3 * soft_cross_entropy(z_s, z_t.detach())
+                + dkd(z_s, z_static, y, 1.0, beta) + dkd(z_t, z_static, y, 1.0, beta))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return Variant("hand-written GPD", step, inp.batch)
+
+
+def hand_written_kd(inp: Inputs) -> Variant:
+    student = inp.maybe_compile(inp.student())
+    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+    def step() -> None:
+        with inp.autocast():
+            z_static = inp.teacher_fn(inp.x)
+            z_s = student(inp.x)
+        (cross_entropy(z_s, inp.y) + dkd(z_s, z_static, inp.y, 1.0, inp.beta)).backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return Variant("hand-written KD", step, inp.batch)
+
+
+def ce_only(inp: Inputs) -> Variant:
+    student = inp.maybe_compile(inp.student())
+    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+    def step() -> None:
+        with inp.autocast():
+            z_s = student(inp.x)
+        cross_entropy(z_s, inp.y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return Variant("CE only", step, inp.batch)
+
+
+def build_variants(pair: str, args: argparse.Namespace, device: torch.device) -> list[Variant]:
+    inp = Inputs(pair, args, device)
+    return [*(framework(inp, stage) for stage in args.zero), hand_written_gpd(inp), hand_written_kd(inp),
+            ce_only(inp)]
+
+
+def measure(variants: list[Variant], args: argparse.Namespace, device: torch.device) -> None:
+    for v in variants:  # warm-up (and compilation)
+        for _ in range(args.warmup):
+            v.step()
+    _sync(device)
+    for r in range(args.rounds):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in order:
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                v.step()
+            _sync(device)
+            v.rates.append(v.images * args.steps / (time.perf_counter() - start))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models (framework: engine.compile)")
+    args = parser.parse_args()
+    info = distributed.init()
+    device = torch.device(args.device) if args.device != "cpu" else info.device
+    print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, device {device}"
+          f"{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, threads {torch.get_num_threads()}, "
+          f"batch {args.batch}, {args.image_size}px, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
+          f"channels_last input, compile {args.compile}, median of {args.rounds} x {args.steps} steps")
+    for pair in args.pairs:
+        variants = build_variants(pair, args, device)
+        measure(variants, args, device)
+        rate = {v.name: statistics.median(v.rates) for v in variants}
+        hand = rate["hand-written GPD"]
+        print(f"\n{pair} ({' <- '.join(PAIRS[pair][:2])})")
+        for name, r in rate.items():
+            extra = f"  framework / hand-written {r / hand:.3f}" if name.startswith("framework") else ""
+            print(f"  {name:20} {r:9.1f} img/s{extra}")
+        kd = rate["hand-written KD"]
+        best = max((r for n, r in rate.items() if n.startswith("framework")), default=None)
+        print(f"  GPD time / KD time: hand-written {kd / hand:.2f}"
+              + (f", framework (best stage) {kd / best:.2f}" if best else ""))
+
+
+if __name__ == "__main__":
+    main()
