@@ -28,6 +28,7 @@ from timm.models.efficientnet import _gen_mobilenet_v1
 from timm.models.resnet import BasicBlock, ResNet
 
 from gpd_ds import distributed
+from gpd_ds.engine import initialize
 from gpd_ds.gpd import expand
 from gpd_ds.losses import GPDLoss, cross_entropy, dkd, soft_cross_entropy
 from gpd_ds.models import create_model
@@ -40,8 +41,14 @@ NUM_CLASSES = 1000
 def _wide(pair: str, size: int) -> torch.nn.Module:
     """A plain model of the dynamic teacher's shape (every internal width x2)."""
     if pair == "r34_r18":
-        return ResNet(BasicBlock, [2, 2, 2, 2], channels=(128, 256, 512, 1024), stem_width=128,
-                      num_classes=NUM_CLASSES)
+        model = ResNet(BasicBlock, [2, 2, 2, 2], channels=(128, 256, 512, 1024), num_classes=NUM_CLASSES)
+        # timm's plain 7x7 stem is hard-wired to 64 channels; the dynamic teacher's stem is 2x wide and its
+        # first block then needs no projection shortcut.
+        model.conv1 = torch.nn.Conv2d(3, 128, 7, stride=2, padding=3, bias=False)
+        model.bn1 = torch.nn.BatchNorm2d(128)
+        model.layer1[0].conv1 = torch.nn.Conv2d(128, 128, 3, padding=1, bias=False)
+        model.layer1[0].downsample = None
+        return model
     if pair == "r50_mbv1":
         return _gen_mobilenet_v1("mobilenetv1_100", 2.0, num_classes=NUM_CLASSES)
     return timm.create_model("vit_small_patch16_224", img_size=size, num_classes=NUM_CLASSES)
@@ -98,7 +105,7 @@ def framework(inp: Inputs, stage: int) -> Variant:
     ds = {"train_batch_size": inp.batch, "train_micro_batch_size_per_gpu": inp.batch, "gradient_clipping": 5.0,
           "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
           "torch_autocast": {"enabled": inp.dtype is not None, "dtype": "bfloat16"}}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, dist_init_required=False)
+    engine = initialize(model, optimizer, None, ds, world_size=1)
     if inp.args.compile:
         engine.compile()
     loss_fn = GPDLoss(kd="dkd", dkd_beta=inp.beta)

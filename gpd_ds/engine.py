@@ -109,6 +109,20 @@ def resolve_ds_config(ds: dict, cfg: TrainConfig, world_size: int, device: torch
     return ds
 
 
+def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds: dict, world_size: int):
+    """``deepspeed.initialize`` for a resolved ds_config; returns the engine.
+
+    A single rank without ZeRO has nothing to all-reduce, but DeepSpeed would still flatten every gradient into
+    buckets and back each step (measured: ~5% of a CPU GPD step); that no-op is switched off."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
+                                           dist_init_required=False)
+    if world_size == 1 and ds.get("zero_optimization", {}).get("stage", 0) == 0:
+        engine.enable_backward_allreduce = False
+    return engine
+
+
 def autocast_dtype(ds: dict) -> torch.dtype | None:
     """The autocast dtype of a resolved ds_config (None: full precision)."""
     block = ds.get("torch_autocast", {})

@@ -40,6 +40,7 @@ from gpd_ds.gpd.layers import (
     WideConv2d,
     WideLayerNorm,
     WideLinear,
+    WideMlp,
     WideModule,
     WideScale,
     narrow,
@@ -64,6 +65,7 @@ class _Walk:
     branches: bool
     pretrained_student: bool
     gates: set[str] = field(default_factory=set)
+    qkv: set[str] = field(default_factory=set)
 
 
 # Leaf modules that commute with the 1/r scaling of the invariant (positively homogeneous or linear).
@@ -112,7 +114,8 @@ def _convert_conv(m: nn.Conv2d, path: str, walk: _Walk) -> nn.Module:
 
 
 def _convert_linear(m: nn.Linear, path: str, walk: _Walk) -> nn.Module:
-    return WideLinear(m, walk.width_ratio, path not in walk.first_layers, path not in walk.classifiers)
+    groups = 3 if path in walk.qkv else 1  # attention's fused q, k, v: widened block by block
+    return WideLinear(m, walk.width_ratio, path not in walk.first_layers, path not in walk.classifiers, groups)
 
 
 def _convert_batchnorm(m: nn.BatchNorm2d, path: str, walk: _Walk) -> nn.Module:
@@ -142,6 +145,16 @@ def _convert_layer_scale(channels_first: bool) -> Callable[[nn.Module, str, _Wal
     return convert
 
 
+def _convert_mlp(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
+    """Fold the activation's rescaling into fc1/fc2 (:class:`WideMlp`) when there is one to fold."""
+    dense = all(isinstance(f, WideLinear) or (isinstance(f, WideConv2d) and not f.grouped) for f in (m.fc1, m.fc2))
+    if not (isinstance(m.act, WideActivation) and not m.act.gate and isinstance(m.norm, nn.Identity) and dense):
+        return m
+    drop1 = getattr(m, "drop1", getattr(m, "drop", nn.Identity()))
+    drop2 = getattr(m, "drop2", nn.Identity())
+    return WideMlp(m.fc1, m.act, drop1, m.fc2, drop2, walk.width_ratio)
+
+
 def _convert_activation(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
     return WideActivation(m, walk.width_ratio, gate=path in walk.gates)
 
@@ -156,6 +169,8 @@ CONVERTERS: dict[type, Callable[[nn.Module, str, _Walk], nn.Module]] = {
     timm.layers.LayerNorm: _convert_layernorm(channels_first=False),
     timm.layers.LayerNorm2d: _convert_layernorm(channels_first=True),
     timm.layers.Attention: _convert_attention,
+    timm.layers.Mlp: _convert_mlp,
+    timm.layers.ConvMlp: _convert_mlp,
     timm.layers.LayerScale: _convert_layer_scale(channels_first=False),
     timm.layers.LayerScale2d: _convert_layer_scale(channels_first=True),
     **dict.fromkeys(ACTIVATIONS, _convert_activation),
@@ -310,6 +325,7 @@ def expand(student: nn.Module, width_ratio: int = 2, noise_std: float = 1e-6, br
     net = copy.deepcopy(source)
     walk = _Walk(width_ratio, first_layers, classifiers, branches, pretrained_student)
     walk.gates = {f"{p}.gate" for p, m in net.named_modules() if isinstance(m, GATED)}
+    walk.qkv = {f"{p}.qkv" for p, m in net.named_modules() if type(m) is timm.layers.Attention}
     net = _convert_tree(net, "", walk)
     raw = _wrap_raw_parameters(net, width_ratio)
     model = GPDModel(net, width_ratio=width_ratio, in_chans=size[0], num_classes=logits.shape[1],

@@ -69,20 +69,58 @@ class TensorSpec:
     dims: tuple[int, ...]
     scaled: bool
     noisy: bool = True
+    out_groups: int = 1  # dim 0 holds this many blocks, each widened on its own: [block][replica][C] (attention qkv)
+
+
+def _grouped(t: Tensor, spec: TensorSpec) -> tuple[Tensor, tuple[int, ...]]:
+    """``t`` with dim 0 split into (out_groups, rest) when grouped, and ``spec.dims`` shifted to match."""
+    if spec.out_groups == 1:
+        return t, spec.dims
+    return t.reshape(spec.out_groups, -1, *t.shape[1:]), tuple(d + 1 for d in spec.dims)
 
 
 def widen(t: Tensor, spec: TensorSpec, r: int) -> Tensor:
     """IR of one tensor: tile r times along ``spec.dims`` (replica-major), divide by r if scaled."""
-    for d in spec.dims:
+    shape, (t, dims) = t.shape, _grouped(t, spec)
+    for d in dims:
         t = torch.cat([t] * r, dim=d)
-    return t / r if spec.scaled else t.clone()
+    t = t / r if spec.scaled else t.clone()
+    return t.reshape(-1, *t.shape[2:]) if spec.out_groups > 1 and len(shape) else t
 
 
 def narrow(t: Tensor, spec: TensorSpec, r: int) -> Tensor:
-    """The student slice of a wide tensor (a view; no scaling)."""
-    for d in spec.dims:
+    """The student slice of a wide tensor: a view, no scaling (grouped: in the (groups, rest, ...) shape)."""
+    t, dims = _grouped(t, spec)
+    for d in dims:
         t = t.narrow(d, 0, t.shape[d] // r)
     return t
+
+
+class _ScaledSlice(torch.autograd.Function):
+    """``scale * wide[index]`` as one autograd node: its backward writes ``scale * grad`` into one zero tensor of
+    the wide shape, where chained ``narrow`` and ``mul`` would build a zero-padded gradient per sliced dimension."""
+
+    @staticmethod
+    def forward(ctx, wide: Tensor, index: tuple[slice, ...], scale: float) -> Tensor:
+        ctx.shape, ctx.index, ctx.scale = wide.shape, index, scale
+        return wide[index] * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        out = grad.new_zeros(ctx.shape)
+        out[ctx.index] = grad * ctx.scale
+        return out, None, None
+
+
+def student_view(t: Tensor, spec: TensorSpec, r: int) -> Tensor:
+    """The student's value of a wide tensor: its slice, times r where IR divided by r."""
+    if not spec.scaled:
+        view = narrow(t, spec, r)
+    else:
+        g, dims = _grouped(t, spec)
+        index = tuple(slice(0, g.shape[d] // r) if d in dims else slice(None) for d in range(g.ndim))
+        view = _ScaledSlice.apply(g, index, float(r))
+    return view.reshape(-1, *view.shape[2:]) if spec.out_groups > 1 else view
 
 
 class WideModule(nn.Module):
@@ -109,11 +147,7 @@ class WideModule(nn.Module):
     def student_tensor(self, name: str) -> Tensor | None:
         """The student's value of a wide tensor: its slice, times r where IR divided by r."""
         wide = getattr(self, name)
-        if wide is None:
-            return None
-        spec = self.specs[name]
-        view = narrow(wide, spec, self.width_ratio)
-        return view * self.width_ratio if spec.scaled else view
+        return None if wide is None else student_view(wide, self.specs[name], self.width_ratio)
 
     @torch.no_grad()
     def add_noise(self, std: float) -> None:
@@ -135,17 +169,20 @@ class WideModule(nn.Module):
         return {name: self.student_tensor(name).detach().clone() for name in self.specs}
 
 
-def _dense_specs(in_expanded: bool, out_expanded: bool, grouped: bool) -> tuple[TensorSpec, TensorSpec]:
+def _dense_specs(in_expanded: bool, out_expanded: bool, grouped: bool, out_groups: int = 1
+                 ) -> tuple[TensorSpec, TensorSpec]:
     """Specs of (weight, bias) of a conv or linear layer, weight laid out [out, in, ...].
 
     Dense (rule A/B/C): tile expanded dims, divide by r iff the output is widened.
     Grouped/depthwise (rule D): tile the output dim only, never divide (the forward rescales instead).
+    ``out_groups``: the output holds that many blocks widened each on its own (attention's q, k, v).
     """
     if grouped:
         return TensorSpec((0,), scaled=False), TensorSpec((0,), scaled=False)
     dims = tuple(d for d, widened in ((0, out_expanded), (1, in_expanded)) if widened)
     bias_dims = (0,) if out_expanded else ()
-    return TensorSpec(dims, scaled=out_expanded), TensorSpec(bias_dims, scaled=out_expanded)
+    return (TensorSpec(dims, scaled=out_expanded, out_groups=out_groups),
+            TensorSpec(bias_dims, scaled=out_expanded, out_groups=out_groups))
 
 
 class WideConv2d(WideModule):
@@ -181,6 +218,11 @@ class WideConv2d(WideModule):
             return self.conv(x, self.weight, self.bias, mode)
         return self.conv(x, self.student_tensor("weight"), self.student_tensor("bias"), mode)
 
+    def teacher_scaled(self, x: Tensor, weight_scale: float, bias_scale: float) -> Tensor:
+        """The teacher-mode output with the weight and bias scaled (a dense conv: ``scale * conv`` folded)."""
+        bias = None if self.bias is None else self.bias * bias_scale
+        return F.conv2d(x, self.weight * weight_scale, bias, self.stride, self.padding, self.dilation, self.groups)
+
     def extra_repr(self) -> str:
         return (f"student={self.in_channels}->{self.out_channels}, k={self.kernel_size}, s={self.stride}, "
                 f"groups={self.groups}, r={self.width_ratio}")
@@ -189,10 +231,11 @@ class WideConv2d(WideModule):
 class WideLinear(WideModule):
     """Linear of the dynamic teacher (rules A, B, C); no correction needed in either mode."""
 
-    def __init__(self, linear: nn.Linear, width_ratio: int, in_expanded: bool, out_expanded: bool) -> None:
+    def __init__(self, linear: nn.Linear, width_ratio: int, in_expanded: bool, out_expanded: bool,
+                 out_groups: int = 1) -> None:
         super().__init__(width_ratio)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        w_spec, b_spec = _dense_specs(in_expanded, out_expanded, grouped=False)
+        w_spec, b_spec = _dense_specs(in_expanded, out_expanded, grouped=False, out_groups=out_groups)
         self.register_wide("weight", linear.weight, w_spec)
         self.register_wide("bias", linear.bias, b_spec)
 
@@ -201,11 +244,25 @@ class WideLinear(WideModule):
             return F.linear(x, self.weight, self.bias)
         return F.linear(x, self.student_tensor("weight"), self.student_tensor("bias"))
 
+    def teacher_scaled(self, x: Tensor, weight_scale: float, bias_scale: float) -> Tensor:
+        """The teacher-mode output with the weight and bias scaled."""
+        return F.linear(x, self.weight * weight_scale, None if self.bias is None else self.bias * bias_scale)
+
     def extra_repr(self) -> str:
         return f"student={self.in_features}->{self.out_features}, r={self.width_ratio}"
 
 
 _AFFINE = TensorSpec((0,), scaled=False)
+
+
+def _teacher_affine(weight: Tensor | None, bias: Tensor | None, width: int, scale: float, like: Tensor
+                    ) -> tuple[Tensor, Tensor | None]:
+    """Affine of a teacher-mode norm whose output is multiplied by ``scale`` (1/r, or 1 before an activation)."""
+    if weight is None:
+        weight = torch.ones(width, dtype=like.dtype, device=like.device)
+    if scale == 1.0:
+        return weight, bias
+    return weight * scale, None if bias is None else bias * scale
 
 
 class WideBatchNorm2d(WideModule):
@@ -256,10 +313,16 @@ class WideBatchNorm2d(WideModule):
     def forward(self, x: Tensor) -> Tensor:
         r = self.width_ratio
         if current_mode() == TEACHER:
-            weight = None if self.weight is None else self.weight / r
-            bias = None if self.bias is None else self.bias / r
+            # A non-homogeneous activation needs act(r * y) / r: leave the norm's output at r * y (affine not
+            # divided) and divide once after the activation, instead of dividing and multiplying back.
+            fold = isinstance(self.act, WideActivation) and not self.act.gate
+            weight, bias = _teacher_affine(self.weight, self.bias, self.num_features * r, 1.0 if fold else 1 / r, x)
             x = self._norm(x, self.running_mean, self.running_var, self.num_batches_tracked, weight, bias,
                            self.eps / r**2)
+            if fold:
+                if self.drop is not None:
+                    x = self.drop(x)
+                return self.act.act(x) / r
         else:
             x = self._norm(x, self.student_running_mean, self.student_running_var,
                            self.student_num_batches_tracked, self.student_tensor("weight"),
@@ -298,9 +361,8 @@ class WideLayerNorm(WideModule):
     def forward(self, x: Tensor) -> Tensor:
         r = self.width_ratio
         if current_mode() == TEACHER:
-            weight = None if self.weight is None else self.weight / r
-            bias = None if self.bias is None else self.bias / r
             width, eps = self.num_features * r, self.eps / r**2
+            weight, bias = _teacher_affine(self.weight, self.bias, width, 1 / r, x)
         else:
             weight, bias = self.student_tensor("weight"), self.student_tensor("bias")
             width, eps = self.num_features, self.eps
@@ -334,6 +396,28 @@ class WideActivation(nn.Module):
         return f"gate={self.gate}, r={self.width_ratio}"
 
 
+class WideMlp(nn.Module):
+    """timm's ``Mlp`` / ``ConvMlp`` (fc1, activation, dropout, fc2) of the dynamic teacher.
+
+    Rule G' needs ``act(r * h) / r`` between fc1 and fc2; here the ``r`` is folded into fc1's weight and bias and
+    the ``1 / r`` into fc2's weight: ``fc2'(act(fc1'(x)))`` with ``fc1' = r * fc1`` and ``fc2' = fc2 / r`` (bias
+    unchanged). The same numbers and gradients, with weight-sized instead of activation-sized rescaling.
+    """
+
+    def __init__(self, fc1: nn.Module, act: WideActivation, drop1: nn.Module, fc2: nn.Module, drop2: nn.Module,
+                 width_ratio: int) -> None:
+        super().__init__()
+        self.fc1, self.act, self.drop1, self.fc2, self.drop2 = fc1, act, drop1, fc2, drop2
+        self.width_ratio = width_ratio
+
+    def forward(self, x: Tensor) -> Tensor:
+        if current_mode() == STUDENT:
+            return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        r = self.width_ratio
+        h = self.drop1(self.act.act(self.fc1.teacher_scaled(x, r, r)))
+        return self.drop2(self.fc2.teacher_scaled(h, 1.0 / r, 1.0))
+
+
 class WideScale(WideModule):
     """Per-channel multiplicative scale, e.g. timm LayerScale (rule J): replicated, never scaled."""
 
@@ -352,10 +436,12 @@ class WideScale(WideModule):
 class WideAttention(nn.Module):
     """Multi-head self-attention of the dynamic teacher (gpd_method.md 4.2).
 
-    ``qkv`` and ``proj`` are :class:`WideLinear` (rule A), so the wide qkv output is laid out
-    ``[q, k, v]`` per replica, each 1/r of the student's. Teacher mode gathers the replicas into
-    ``r * H`` heads of the same head dim and folds the needed ``r * r`` on ``q @ k^T`` into the
-    softmax scale; the head outputs stay 1/r, as the invariant wants.
+    ``qkv`` and ``proj`` are :class:`WideLinear` (rule A). The wide qkv rows are laid out
+    ``[q | k | v][replica][C]`` (not the reference's ``[replica][q | k | v][C]``): then the teacher's
+    ``r * H`` heads (head ``p * H + h``, replica-major like every channel) are a free view of the qkv
+    output and the fused (flash) attention kernel applies; the student's rows are three blocks,
+    gathered by its (already copying) x r view. The ``r * r`` that ``q @ k^T`` needs is folded into
+    the softmax scale; the head outputs stay 1/r, as the invariant wants.
     """
 
     def __init__(self, qkv: WideLinear, proj: WideLinear, num_heads: int, head_dim: int, width_ratio: int,
@@ -367,21 +453,16 @@ class WideAttention(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         batch, tokens, _ = x.shape
         scale = self.head_dim**-0.5
-        qkv = self.qkv(x)
+        qkv = self.qkv(x)  # (B, N, 3 * heads * head_dim), [q | k | v] blocks
+        heads = self.num_heads
         if current_mode() == TEACHER:
-            r = self.width_ratio
-            # (B, N, r, 3, H, d) -> (3, B, r*H, N, d): head index p*H + h stays replica-major
-            qkv = qkv.reshape(batch, tokens, r, 3, self.num_heads, self.head_dim).permute(3, 0, 2, 4, 1, 5)
-            qkv = qkv.reshape(3, batch, r * self.num_heads, tokens, self.head_dim)
-            scale *= r * r
-        else:
-            qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+            heads *= self.width_ratio
+            scale *= self.width_ratio**2
+        q, k, v = qkv.reshape(batch, tokens, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
         dropout = self.attn_drop.p if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
-                                           is_causal=is_causal, scale=scale)
-        x = x.transpose(1, 2).reshape(batch, tokens, -1)
-        return self.proj_drop(self.proj(x))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
+                                           scale=scale)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(batch, tokens, -1)))
 
     def extra_repr(self) -> str:
         return f"student_heads={self.num_heads}, head_dim={self.head_dim}, r={self.width_ratio}"
@@ -399,7 +480,4 @@ class StudentView(nn.Module):
         self.spec, self.width_ratio = spec, width_ratio
 
     def forward(self, wide: Tensor) -> Tensor:
-        if current_mode() == TEACHER:
-            return wide
-        view = narrow(wide, self.spec, self.width_ratio)
-        return view * self.width_ratio if self.spec.scaled else view
+        return wide if current_mode() == TEACHER else student_view(wide, self.spec, self.width_ratio)
