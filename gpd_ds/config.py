@@ -58,6 +58,8 @@ class DataConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     allow_pipe: bool = False
+    in_memory: bool = False  # decode the train split once and augment from RAM (CIFAR-size data; see data/memory.py)
+    in_memory_max_gb: float = 8.0  # refuse in_memory above this decoded size per rank
     augment: Augment = field(default_factory=Augment)
 
 
@@ -111,6 +113,7 @@ class RunConfig:
     export_at_end: bool = True
     channels_last: bool = True
     eval_at_start: bool = True  # the starting accuracies: the baseline of the dynamic teacher's growth
+    compile: bool = False  # torch.compile the GPD model (engine.compile) and the static teacher; see BENCHMARKS.md
 
 
 @dataclass

@@ -105,9 +105,35 @@ def demo_teacher() -> TrainConfig:
     return cfg
 
 
+def cifar10() -> TrainConfig:
+    """The CIFAR-10 protocol of docs/results_cifar10.md (its arm (a) by default): DKD + GPD from cifar_resnet18
+    (trained first by ``cifar10_teacher``; set ``model.static_teacher_checkpoint``) to cifar_resnet10, 32 px,
+    pad-4 crop + flip, decoded in memory, SGD 0.1 at batch 128, wd 5e-4, cosine, no EMA.
+    experiments/cifar10/run.sh varies ``model.method``, ``loss.kd`` and the seed from here."""
+    return TrainConfig(
+        recipe="cifar10",
+        model=ModelConfig(student="cifar_resnet10", static_teacher="cifar_resnet18"),
+        data=DataConfig(image_size=32, workers=1, in_memory=True, eval_batch_size=500, crop_pct=1.0,
+                        augment=Augment(pad_crop=4)),
+        loss=LossConfig(kd="dkd", dkd_beta=0.5),
+        optim=OptimConfig(optimizer="sgd", lr=0.1, lr_ref_batch=128, weight_decay=5e-4, schedule="cosine",
+                          epochs=10, warmup_epochs=1, min_lr=0.0, ema_decay=None, global_batch_size=128,
+                          grad_clip=5.0),
+        run=RunConfig(log_every_steps=20, eval_every_epochs=2, checkpoint_every_steps=200, keep_checkpoints=1))
+
+
+def cifar10_teacher() -> TrainConfig:
+    """The CIFAR-10 static teacher: cifar_resnet18 from scratch without GPD, same schedule."""
+    cfg = cifar10()
+    cfg.recipe = "cifar10_teacher"
+    cfg.model = ModelConfig(student="cifar_resnet18", method="plain")
+    cfg.loss = LossConfig(kd="none")
+    return cfg
+
+
 RECIPES: dict[str, Callable[[], TrainConfig]] = {
     f.__name__: f for f in (demo, demo_teacher, resnet18_from_resnet34, mobilenet_from_resnet50, resnet18_scratch,
-                            resnet18_finetune, deit_tiny_from_deit_small)
+                            resnet18_finetune, deit_tiny_from_deit_small, cifar10, cifar10_teacher)
 }
 
 

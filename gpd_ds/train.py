@@ -32,10 +32,19 @@ from gpd_ds import checkpoint, distributed
 from gpd_ds.config import ConfigError, TrainConfig, apply_overrides
 from gpd_ds.data.demo import cache_dir, demo_dataset
 from gpd_ds.data.loader import ShardList, TrainLoader, eval_loader, resolve_shards
+from gpd_ds.data.memory import MemoryTrainLoader
 from gpd_ds.data.transforms import DeviceTransform, eval_transform, train_transform
 from gpd_ds.distributed import DistInfo
 from gpd_ds.ema import ModelEma
-from gpd_ds.engine import autocast_dtype, build_optimizer, effective_lr, load_ds_config, lr_factor, resolve_ds_config
+from gpd_ds.engine import (
+    autocast_dtype,
+    build_optimizer,
+    effective_lr,
+    initialize,
+    load_ds_config,
+    lr_factor,
+    resolve_ds_config,
+)
 from gpd_ds.errors import UserInputError
 from gpd_ds.evaluate import evaluate
 from gpd_ds.gpd import expand
@@ -183,7 +192,7 @@ class _Run:
     engine: object
     ema: ModelEma | None
     static_teacher: StaticTeacher | None
-    loader: TrainLoader
+    loader: TrainLoader | MemoryTrainLoader
     val_shards: ShardList
     device_tf: DeviceTransform
     eval_tf: Callable
@@ -218,10 +227,17 @@ def _assemble(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> _Run:
         if cfg.run.channels_last:
             static_teacher = static_teacher.to(memory_format=torch.channels_last)
     augment = cfg.data.augment
-    loader = TrainLoader(train_shards, batch_size=micro, rank=info.rank, world_size=info.world_size,
-                         transform=train_transform(cfg.data.image_size, augment, cfg.data.mean),
-                         num_workers=cfg.data.workers, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                         max_bad_fraction=cfg.data.max_bad_fraction, pin_memory=info.device.type == "cuda")
+    transform = train_transform(cfg.data.image_size, augment, cfg.data.mean)
+    if cfg.data.in_memory:
+        loader = distributed.on_all_ranks(lambda: MemoryTrainLoader(
+            train_shards, batch_size=micro, rank=info.rank, world_size=info.world_size, transform=transform,
+            num_workers=cfg.data.workers, seed=cfg.run.seed, max_bad_fraction=cfg.data.max_bad_fraction,
+            max_gb=cfg.data.in_memory_max_gb, show_progress=info.is_main), "decoding the train split into memory")
+    else:
+        loader = TrainLoader(train_shards, batch_size=micro, rank=info.rank, world_size=info.world_size,
+                             transform=transform, num_workers=cfg.data.workers, seed=cfg.run.seed,
+                             shuffle_buffer=cfg.data.shuffle_buffer, max_bad_fraction=cfg.data.max_bad_fraction,
+                             pin_memory=info.device.type == "cuda")
     steps_per_epoch = len(loader) // accumulation
     if steps_per_epoch == 0:
         raise ConfigError(f"one epoch makes {len(loader)} micro-batches per rank, fewer than the "
@@ -230,8 +246,10 @@ def _assemble(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> _Run:
     lr = effective_lr(cfg, ds["train_batch_size"])
     optimizer = build_optimizer(model, cfg, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch, lr))
-    engine, _, _, _ = deepspeed.initialize(model=model.to(info.device), optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds, dist_init_required=False)
+    engine = initialize(model.to(info.device), optimizer, scheduler, ds, info.world_size)
+    if cfg.run.compile:
+        engine.compile()
+        static_teacher = torch.compile(static_teacher) if static_teacher is not None else None
     return _Run(
         engine=engine, ema=ModelEma(engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None,
         static_teacher=static_teacher, loader=loader, val_shards=val_shards,

@@ -26,6 +26,7 @@ from torchvision.transforms import InterpolationMode, v2
 class Augment:
     """Train-time augmentation. Defaults are the CNN recipe (RandomResizedCrop + flip only)."""
 
+    pad_crop: int = 0  # > 0: CIFAR-style RandomCrop with this zero padding instead of RandomResizedCrop
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
@@ -64,9 +65,10 @@ def train_transform(image_size: int, augment: Augment, mean: tuple[float, ...] =
     """Decoded image -> (3, S, S) uint8 tensor: RandomResizedCrop, flip, then (if set) colour jitter and timm's
     RandAugment/AutoAugment, in timm's order. Cropping happens on the tensor; only the S x S crop is handed to
     timm's PIL-based auto-augment."""
-    ops = [v2.RandomResizedCrop(image_size, scale=augment.scale, ratio=augment.ratio,
-                                interpolation=_interpolation(augment.interpolation), antialias=True),
-           v2.RandomHorizontalFlip(augment.hflip)]
+    crop = (v2.RandomCrop(image_size, padding=augment.pad_crop, pad_if_needed=True) if augment.pad_crop > 0 else
+            v2.RandomResizedCrop(image_size, scale=augment.scale, ratio=augment.ratio,
+                                 interpolation=_interpolation(augment.interpolation), antialias=True))
+    ops = [crop, v2.RandomHorizontalFlip(augment.hflip)]
     if augment.color_jitter:
         ops.append(v2.ColorJitter(augment.color_jitter, augment.color_jitter, augment.color_jitter))
     if augment.auto_augment:

@@ -8,6 +8,8 @@ import timm
 import torchvision
 from torch import nn
 
+from gpd_ds.models import cifar  # noqa: F401  (registers the cifar_resnet* models with timm)
+
 TORCHVISION_PREFIX = "torchvision:"
 TIMM_PREFIX = "timm:"
 
