@@ -113,6 +113,7 @@ class RunConfig:
     export_at_end: bool = True
     channels_last: bool = True
     eval_at_start: bool = True  # the starting accuracies: the baseline of the dynamic teacher's growth
+    activation_checkpointing: bool = False  # recompute each block in backward (gpd/checkpointing.py): less memory
     compile: bool = False  # torch.compile the GPD model (engine.compile) and the static teacher; see BENCHMARKS.md
 
 

@@ -13,8 +13,10 @@ class ModelEma:
     precision stops moving). Integer buffers (batch counters) are copied. Create it after the engine has
     synchronised the weights, so every rank starts from the same model."""
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
+    def __init__(self, model: nn.Module, decay: float, rebind: bool = False) -> None:
+        """``rebind``: look the live tensors up at every update (ZeRO-3 swaps a parameter's storage when it
+        gathers it; call :meth:`update` inside :func:`gpd_ds.engine.full_parameters`)."""
+        self.decay, self.rebind = decay, rebind
         self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
         self._pairs: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
 
@@ -28,7 +30,7 @@ class ModelEma:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        if self._pairs is None:
+        if self._pairs is None or self.rebind:
             self._bind(model)
         ema_f, live_f, ema_o, live_o = self._pairs
         torch._foreach_lerp_(ema_f, [t.float() for t in live_f], 1.0 - self.decay)

@@ -10,15 +10,20 @@ DeepSpeed keys stay in the ds_config JSON. Resolution (``resolve_ds_config``):
 * precision: the ``torch_autocast`` block (fp32 master weights, bf16 on A100/H100, fp16 on V100 with a grad
   scaler). Without a GPU the run is float32 (a log line says so).
 * refused with a clear message: an ``optimizer``/``scheduler`` block (the recipe's ``optim.*`` builds them),
-  DeepSpeed's own ``wandb`` monitor (gpd_ds logs to W&B itself), ZeRO stage 3 (not supported yet).
+  DeepSpeed's own ``wandb`` monitor (gpd_ds logs to W&B itself).
+
+ZeRO-3 partitions the GPD model's parameters; both modes run through the same modules each step, and every wide
+layer takes its student slice inside its own forward, where DeepSpeed has gathered its parameters. Reading the
+whole model outside a forward (EMA, evaluation copy, best weights) goes through :func:`full_parameters`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -62,9 +67,8 @@ def resolve_ds_config(ds: dict, cfg: TrainConfig, world_size: int, device: torch
     if ds.get("wandb", {}).get("enabled"):
         raise ConfigError("ds_config enables DeepSpeed's wandb monitor; set it to false: gpd_ds logs to W&B itself")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2):
-        raise ConfigError(f"ZeRO stage {stage} is not supported for GPD models yet (both GPD modes run through the "
-                          "same partitioned modules each step); use ds_configs/zero2.json or zero1.json")
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage={stage!r} is not a ZeRO stage; use 0, 1, 2 or 3")
 
     global_batch = _mirror(ds, "train_batch_size", cfg.optim.global_batch_size, "optim.global_batch_size")
     if not global_batch:
@@ -121,6 +125,28 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds
     if world_size == 1 and ds.get("zero_optimization", {}).get("stage", 0) == 0:
         engine.enable_backward_allreduce = False
     return engine
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+@contextlib.contextmanager
+def full_parameters(module: nn.Module, zero3: bool) -> Iterator[None]:
+    """Inside this block every rank sees ``module``'s full parameters (ZeRO-3 gathers them, read-only); without
+    ZeRO-3 it does nothing. Call it on all ranks: gathering is a collective."""
+    if not zero3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield
+
+
+def resident_parameters(module: nn.Module) -> int:
+    """Parameter elements this rank holds between steps (its partition under ZeRO-3, everything otherwise)."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
 
 
 def autocast_dtype(ds: dict) -> torch.dtype | None:

@@ -57,13 +57,21 @@ def run_weights(run_dir: Path, which: str) -> tuple[dict[str, torch.Tensor], dic
     if not found:
         raise ExportError(f"{str(run_dir)!r} has no complete checkpoint and no best weights to export")
     # our own checkpoint, written by DeepSpeed (it holds optimizer/RNG objects, hence weights_only=False)
-    states = torch.load(found[0] / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    name = next(n for n in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+                if (found[0] / n).is_file() or n.startswith("zero"))  # ZeRO-3 names it per rank
+    states = torch.load(found[0] / name, map_location="cpu", weights_only=False)
     client_step = states.get("step", states.get("global_steps"))
     if which == "last_ema":
         if not states.get("ema"):
             raise ExportError(f"{found[0]} holds no EMA weights (optim.ema_decay was off)")
         return states["ema"], {"weights": "ema", "step": client_step}
-    return states["module"], {"weights": "raw", "step": client_step}
+    module = states["module"]
+    if any(v.numel() == 0 for v in module.values()):
+        # ZeRO-3 saved partitioned parameters: consolidate them from every rank's fp32 optimizer partition
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        module = get_fp32_state_dict_from_zero_checkpoint(str(found[0].parent), tag=found[0].name)
+    return module, {"weights": "raw", "step": client_step}
 
 
 def rebuild(record: dict) -> tuple[TrainConfig, nn.Module]:

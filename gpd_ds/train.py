@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -40,14 +41,18 @@ from gpd_ds.engine import (
     autocast_dtype,
     build_optimizer,
     effective_lr,
+    full_parameters,
     initialize,
     load_ds_config,
     lr_factor,
+    resident_parameters,
     resolve_ds_config,
+    zero_stage,
 )
 from gpd_ds.errors import UserInputError
 from gpd_ds.evaluate import evaluate
 from gpd_ds.gpd import expand
+from gpd_ds.gpd.checkpointing import enable_activation_checkpointing
 from gpd_ds.losses import GPDLoss, LossOutput
 from gpd_ds.models import create_model
 from gpd_ds.models.teacher import StaticTeacher, build_static_teacher
@@ -191,6 +196,7 @@ class _Run:
 
     engine: object
     ema: ModelEma | None
+    eval_copy: nn.Module | None  # ZeRO-3: a full copy the gathered weights are loaded into for evaluation
     static_teacher: StaticTeacher | None
     loader: TrainLoader | MemoryTrainLoader
     val_shards: ShardList
@@ -208,6 +214,10 @@ class _Run:
     @property
     def gpd(self) -> bool:
         return hasattr(self.engine.module, "width_ratio")
+
+    @property
+    def zero3(self) -> bool:
+        return zero_stage(self.ds) == 3
 
 
 def _assemble(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> _Run:
@@ -244,14 +254,25 @@ def _assemble(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> _Run:
                           f"{accumulation} accumulation steps of one optimizer step; lower the batch size")
     total_steps = steps_per_epoch * cfg.optim.epochs
     lr = effective_lr(cfg, ds["train_batch_size"])
+    model = model.to(info.device)
+    zero3 = zero_stage(ds) == 3
+    # full copies are taken before ZeRO-3 partitions the model (every rank built the same weights from the seed)
+    ema = ModelEma(model, cfg.optim.ema_decay, rebind=True) if cfg.optim.ema_decay and zero3 else None
+    eval_copy = copy.deepcopy(model).eval().requires_grad_(False) if zero3 else None
+    if cfg.run.activation_checkpointing:
+        blocks = enable_activation_checkpointing(model)
+        if info.is_main:
+            log.info("activation checkpointing: %d blocks recompute their activations in backward", blocks)
     optimizer = build_optimizer(model, cfg, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch, lr))
-    engine = initialize(model.to(info.device), optimizer, scheduler, ds, info.world_size)
+    engine = initialize(model, optimizer, scheduler, ds, info.world_size)
+    if cfg.optim.ema_decay and not zero3:
+        ema = ModelEma(engine.module, cfg.optim.ema_decay)  # after the engine has broadcast rank 0's weights
     if cfg.run.compile:
         engine.compile()
         static_teacher = torch.compile(static_teacher) if static_teacher is not None else None
     return _Run(
-        engine=engine, ema=ModelEma(engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None,
+        engine=engine, ema=ema, eval_copy=eval_copy,
         static_teacher=static_teacher, loader=loader, val_shards=val_shards,
         device_tf=DeviceTransform(num_classes, info.device, augment, cfg.data.mean, cfg.data.std,
                                   cfg.run.channels_last),
@@ -269,17 +290,21 @@ def _evaluate(r: _Run, cfg: TrainConfig, info: DistInfo, static_metrics: dict | 
     """Student and dynamic teacher (live, and EMA if ``with_ema``), and the static teacher unless known."""
     module = r.engine.module
     distributed.average_running_stats(module)
+    if r.zero3:
+        with full_parameters(module, True):
+            r.eval_copy.load_state_dict(module.state_dict())
+        module = r.eval_copy
     models = _eval_models(module, r.gpd)
     if r.ema is not None and with_ema:
         distributed.average_running_stats(r.ema.module)
         models.update(_eval_models(r.ema.module, r.gpd, "_ema"))
     if r.static_teacher is not None and static_metrics is None:
         models["static_teacher"] = r.static_teacher
-    module.eval()
+    r.engine.module.eval()
     val = eval_loader(r.val_shards, batch_size=cfg.data.eval_batch_size, rank=info.rank, world_size=info.world_size,
                       transform=r.eval_tf, num_workers=cfg.data.workers, max_bad_fraction=cfg.data.max_bad_fraction)
     result = evaluate(models, val, r.device_tf, r.autocast, show_progress=info.is_main)
-    module.train()
+    r.engine.module.train()
     if static_metrics is not None:
         result["static_teacher"] = static_metrics
     return result
@@ -319,6 +344,7 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
     record = {"config": cfg.to_dict(), "scenario": cfg.scenario, "ds_config": r.ds, "world_size": info.world_size,
               "device": str(info.device), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "classes": r.classes, "lr": r.lr, "steps_per_epoch": spe, "total_steps": r.total_steps,
+              "resident_parameters_per_rank": distributed.all_gather_object(resident_parameters(engine.module)),
               "versions": _versions()}
     if info.is_main:
         (run_dir / "config.json").write_text(json.dumps(record, indent=1, default=str))
@@ -337,6 +363,7 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
         if ema is not None:
             ema.load_state_dict(client["ema"])
         kept.update(client["kept"])
+        kept["best"] = _best_on_disk(run_dir, engine.global_steps, kept["best"])
         if client.get("config_digest") != cfg.digest():
             log.warning("the config differs from the checkpoint's; continuing with the new one")
     tracker = Tracker(run_dir, cfg.track, record, info.is_main, kept["wandb_run_id"])
@@ -386,7 +413,8 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
                     continue
                 step = engine.global_steps
                 if ema is not None:
-                    ema.update(engine.module)
+                    with full_parameters(engine.module, r.zero3):
+                        ema.update(engine.module)
                 watch.update(loss, step)
                 bar.update(1)
                 if step % cfg.run.log_every_steps == 0 or step == epoch_end:
@@ -407,7 +435,7 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
             if step >= r.end_step or (step == epoch_end and (step // spe) % cfg.run.eval_every_epochs == 0):
                 metrics = _evaluate(r, cfg, info, kept["static_teacher"], with_ema=True)
                 log_eval(metrics, step)
-                kept["best"] = _update_best(kept["best"], metrics, step, engine.module, ema, run_dir, info)
+                kept["best"] = _update_best(kept["best"], metrics, step, engine.module, ema, run_dir, info, r.zero3)
 
     if not metrics:
         metrics = _evaluate(r, cfg, info, kept["static_teacher"], with_ema=True)
@@ -423,8 +451,21 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
     return result
 
 
+def _best_on_disk(run_dir: Path, step: int, best: dict) -> dict:
+    """The evaluation at a checkpoint's step runs after the checkpoint is written, so a run resumed there has
+    not seen it; its result (RUN_DIR/best/best.json, written with the weights) counts if it is from before the
+    resumed step and newer than the checkpoint's own record."""
+    path = run_dir / "best" / "best.json"
+    if not path.is_file():
+        return best
+    disk = json.loads(path.read_text())
+    if disk.get("step", step + 1) <= step and disk["step"] > best.get("step", -1):
+        return disk
+    return best
+
+
 def _update_best(best: dict, metrics: dict, step: int, module: nn.Module, ema: ModelEma | None, run_dir: Path,
-                 info: DistInfo) -> dict:
+                 info: DistInfo, zero3: bool) -> dict:
     """Best = the highest student top-1 of the live or the EMA weights (the reference's save_metric); those
     weights are kept in RUN_DIR/best/ for export."""
     candidates = [("raw", metrics["student"]["top1"])]
@@ -434,9 +475,9 @@ def _update_best(best: dict, metrics: dict, step: int, module: nn.Module, ema: M
     if best and top1 <= best["top1"]:
         return best
     best = {"top1": top1, "weights": which, "step": step}
-    if info.is_main:
-        state = (ema.module if which == "ema" else module).state_dict()
-        _save_best(run_dir, state, best)
+    with full_parameters(module, zero3 and which == "raw"):
+        if info.is_main:
+            _save_best(run_dir, (ema.module if which == "ema" else module).state_dict(), best)
     return best
 
 

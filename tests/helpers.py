@@ -15,7 +15,7 @@ CNN_IMAGE = 64
 FAMILIES = [
     "resnet18", "resnet34", "resnet50", "torchvision:resnet18", "torchvision:resnet50",
     "mobilenetv1_100", "mobilenetv2_100", "mobilenetv3_small_100", "efficientnet_b0", "convnext_atto",
-    "vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224",
+    "vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "cifar_resnet10",
 ]
 
 

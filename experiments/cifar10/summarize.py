@@ -55,7 +55,7 @@ def _run(run_dir: Path) -> dict:
 def table(root: Path) -> str:
     runs = {}
     for d in sorted((root / "runs").iterdir()):
-        if d.is_dir() and (d / "metrics.jsonl").is_file():
+        if (d / "export" / "student.safetensors").is_file():  # finished runs only
             runs[d.name] = _run(d)
     lines = ["| scenario | arm | seeds | student top-1 | per seed | dynamic teacher top-1 | static teacher top-1 "
              "| wall-clock (min) | train img/s |", "|---|---|---|---|---|---|---|---|---|"]
