@@ -41,6 +41,7 @@ class ModelConfig:
     width_ratio: int = 2
     branches: bool = False  # multi-branch 3x3 convs in the dynamic teacher (the reference's --use_orepa)
     noise_std: float = 1e-6
+    distillation_token: bool = False  # DeiT distilled students: the distillation head learns from the static teacher
 
 
 @dataclass
@@ -176,6 +177,9 @@ class TrainConfig:
              m.static_teacher_pretrained, "set either a local static_teacher_checkpoint or pretrained, not both"),
             (m.static_teacher is not None or not (m.static_teacher_checkpoint or m.static_teacher_pretrained),
              "model.static_teacher", m.static_teacher, "name the static teacher's architecture"),
+            (not m.distillation_token or (m.static_teacher is not None and self.loss.kd != "none"),
+             "model.distillation_token", m.distillation_token,
+             "the distillation head learns from the static teacher: set model.static_teacher and loss.kd"),
         ]
         for ok, key, value, fix in checks:
             if not ok:

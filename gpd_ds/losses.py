@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+Logits = Tensor | tuple[Tensor, Tensor]  # a DeiT distilled model in distilled training: (class, distillation) heads
+
 KD_KINDS = ("dkd", "kl", "none")
 
 
@@ -111,27 +113,37 @@ class GPDLoss:
             return dkd(logits, static_logits, target, self.dkd_alpha, self.dkd_beta, self.temperature)
         return kl_kd(logits, static_logits, self.temperature)
 
-    def plain(self, student: Tensor, target: Tensor, static_teacher: Tensor | None = None) -> LossOutput:
+    def plain(self, student: Logits, target: Tensor, static_teacher: Tensor | None = None) -> LossOutput:
         """The objective without a dynamic teacher (baselines, teacher training): CE, plus psi if a static
         teacher is given: ``ce_weight * CE(z_S, y) + kd_weight * psi(z_S; z_static)``."""
-        terms = {"ce_student": cross_entropy(student, target)}
+        s_cls, s_dist = _heads(student)
+        terms = {"ce_student": cross_entropy(s_cls, target)}
         total = self.ce_weight * terms["ce_student"]
         if static_teacher is not None and self.kd != "none":
-            terms["kd_static_to_student"] = self.static_kd(student, static_teacher, target)
+            terms["kd_static_to_student"] = self.static_kd(s_dist, static_teacher, target)
             total = total + self.kd_weight * terms["kd_static_to_student"]
         return LossOutput(total, terms)
 
-    def __call__(self, student: Tensor, dynamic_teacher: Tensor, target: Tensor,
+    def __call__(self, student: Logits, dynamic_teacher: Logits, target: Tensor,
                  static_teacher: Tensor | None = None) -> LossOutput:
+        (s_cls, s_dist), (t_cls, t_dist) = _heads(student), _heads(dynamic_teacher)
         terms = {
-            "ce_student": cross_entropy(student, target),
-            "ce_dynamic_teacher": cross_entropy(dynamic_teacher, target),
-            "sce_dynamic_to_student": soft_cross_entropy(student, dynamic_teacher.detach(), self.smoothing),
+            "ce_student": cross_entropy(s_cls, target),
+            "ce_dynamic_teacher": cross_entropy(t_cls, target),
+            "sce_dynamic_to_student": soft_cross_entropy(s_cls, t_cls.detach(), self.smoothing),
         }
         total = self.ce_weight * (terms["ce_student"] + terms["ce_dynamic_teacher"])
         total = total + self.dynamic_weight * terms["sce_dynamic_to_student"]
         if static_teacher is not None and self.kd != "none":
-            terms["kd_static_to_student"] = self.static_kd(student, static_teacher, target)
-            terms["kd_static_to_dynamic_teacher"] = self.static_kd(dynamic_teacher, static_teacher, target)
+            terms["kd_static_to_student"] = self.static_kd(s_dist, static_teacher, target)
+            terms["kd_static_to_dynamic_teacher"] = self.static_kd(t_dist, static_teacher, target)
             total = total + self.kd_weight * (terms["kd_static_to_student"] + terms["kd_static_to_dynamic_teacher"])
         return LossOutput(total, terms)
+
+
+
+def _heads(logits: Logits) -> tuple[Tensor, Tensor]:
+    """(class-head, distillation-head) logits. A DeiT distilled model in distilled training returns both: the
+    class head takes the label and dynamic-teacher terms, the distillation head the static teacher's psi. Any
+    other model's one output plays both roles."""
+    return logits if isinstance(logits, tuple) else (logits, logits)

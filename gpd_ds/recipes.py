@@ -61,16 +61,17 @@ def resnet18_finetune() -> TrainConfig:
                        optim=_cnn_optim(epochs=50, milestones=(30,)), run=RunConfig(checkpoint_every_steps=2500))
 
 
-def deit_tiny_from_deit_small() -> TrainConfig:
-    """DeiT-S -> DeiT-Ti with DKD + GPD on the DeiT recipe: AdamW 5e-4 at batch 512 (2e-3 at 2048), wd 0.05 (not on
-    1-D tensors, biases, tokens), cosine 300 + 10 cooldown epochs, 5 warm-up epochs, RandAugment m9, random erasing
-    0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1, bicubic. The reference clips no gradients; the shipped
-    ds_configs clip at 5.0 (set gradient_clipping to 0 to match)."""
+def _deit(recipe: str, student: str, teacher: str, drop_path: float, **model: object) -> TrainConfig:
+    """The DeiT recipe: AdamW 5e-4 at batch 512 (2e-3 at the default global batch 2048; scale lr linearly with
+    the global batch), wd 0.05 (not on 1-D tensors, biases, tokens), cosine 300 + 10 cooldown epochs, 5 warm-up
+    epochs, RandAugment m9, random erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1, bicubic, drop-path.
+    The reference clips no gradients; the shipped ds_configs clip at 5.0 (set gradient_clipping to 0 to match)."""
     augment = Augment(auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", random_erasing=0.25,
                       mixup=0.8, cutmix=1.0, label_smoothing=0.1)
     return TrainConfig(
-        recipe="deit_tiny_from_deit_small",
-        model=ModelConfig(student="deit_tiny_patch16_224", static_teacher="deit_small_patch16_224"),
+        recipe=recipe,
+        model=ModelConfig(student=student, student_kwargs={"drop_path_rate": drop_path}, static_teacher=teacher,
+                          **model),
         data=DataConfig(image_size=224, workers=10, crop_pct=0.875, interpolation="bicubic", augment=augment),
         loss=LossConfig(kd="dkd", dkd_beta=0.5),
         optim=OptimConfig(optimizer="adamw", lr=5e-4, lr_ref_batch=512, weight_decay=0.05,
@@ -78,6 +79,35 @@ def deit_tiny_from_deit_small() -> TrainConfig:
                           warmup_lr=1e-6, min_lr=1e-5, cooldown_epochs=10, ema_decay=0.99996,
                           global_batch_size=2048, grad_clip=None),
         run=RunConfig(checkpoint_every_steps=2500))
+
+
+def deit_tiny_from_deit_small() -> TrainConfig:
+    """DeiT-S (79.9) -> DeiT-Ti (5.7 M; dynamic teacher 22 M), DKD + GPD on the DeiT recipe. ZeRO-2."""
+    return _deit("deit_tiny_from_deit_small", "deit_tiny_patch16_224", "deit_small_patch16_224", 0.0)
+
+
+def deit_small_from_deit_base() -> TrainConfig:
+    """DeiT-B (81.8) -> DeiT-S (22 M; dynamic teacher 87 M), DKD + GPD on the DeiT recipe, drop-path 0.1. ZeRO-2
+    fits on 40/80 GB GPUs at 256 images per GPU; ZeRO-3 + activation checkpointing for larger per-GPU batches."""
+    return _deit("deit_small_from_deit_base", "deit_small_patch16_224", "deit_base_patch16_224", 0.1)
+
+
+def vit_base_from_vit_large() -> TrainConfig:
+    """ViT-L/16 (AugReg, 85.6 at 224) -> ViT-B/16 (86 M; dynamic teacher 344 M, the size of a ViT-L), DKD + GPD on
+    the DeiT recipe, drop-path 0.1, global batch 1024 (lr 1e-3). Use ds_configs/zero3.json: the dynamic teacher's
+    fp32 weights, gradients and AdamW states (5.5 GB) are partitioned; activation checkpointing is on."""
+    cfg = _deit("vit_base_from_vit_large", "vit_base_patch16_224", "vit_large_patch16_224", 0.1)
+    cfg.optim.global_batch_size = 1024
+    cfg.run.activation_checkpointing = True
+    return cfg
+
+
+def deit_tiny_distilled_from_deit_small() -> TrainConfig:
+    """The distillation-token variant: DeiT-Ti distilled <- DeiT-S. The class head learns from the labels and the
+    dynamic teacher; the distillation head from the static teacher (psi = DKD), in the student and the dynamic
+    teacher alike (``model.distillation_token``). Evaluation averages the two heads, as DeiT does."""
+    return _deit("deit_tiny_distilled_from_deit_small", "deit_tiny_distilled_patch16_224", "deit_small_patch16_224",
+                 0.0, distillation_token=True)
 
 
 def demo() -> TrainConfig:
@@ -133,7 +163,8 @@ def cifar10_teacher() -> TrainConfig:
 
 RECIPES: dict[str, Callable[[], TrainConfig]] = {
     f.__name__: f for f in (demo, demo_teacher, resnet18_from_resnet34, mobilenet_from_resnet50, resnet18_scratch,
-                            resnet18_finetune, deit_tiny_from_deit_small, cifar10, cifar10_teacher)
+                            resnet18_finetune, deit_tiny_from_deit_small, deit_small_from_deit_base,
+                            vit_base_from_vit_large, deit_tiny_distilled_from_deit_small, cifar10, cifar10_teacher)
 }
 
 

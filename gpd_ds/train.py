@@ -123,6 +123,11 @@ def _build_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
     student = create_model(m.student, num_classes=num_classes, image_size=cfg.data.image_size, **m.student_kwargs)
     if m.student_checkpoint:
         load_weights(student, m.student_checkpoint, f"student ({m.student})")
+    if m.distillation_token:
+        if not hasattr(student, "set_distilled_training"):
+            raise ConfigError(f"model.distillation_token=true needs a DeiT distilled student (e.g. "
+                              f"deit_tiny_distilled_patch16_224); {m.student!r} has no distillation token")
+        student.set_distilled_training(True)  # train mode returns (class, distillation) logits; eval averages
     return student
 
 

@@ -98,7 +98,7 @@ def main() -> None:
         if args.images is not None:
             args.images.mkdir(parents=True, exist_ok=True)
             for png in pngs:
-                if png.stem in ("accuracy", "gaps"):
+                if png.stem == "accuracy" or (png.stem == "gaps" and name == "growth"):
                     shutil.copy(png, args.images / f"cifar10_{name}_{png.stem}.png")
 
 

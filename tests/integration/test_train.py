@@ -176,12 +176,14 @@ def test_bad_training_input_fails_clearly(workspace: Path, extra: list[str], mat
     assert pytest.importorskip("re").search(match, result.stderr), result.stderr[-2000:]
 
 
-@pytest.mark.slow
-def test_zero3_is_refused_at_start(workspace: Path) -> None:
-    result = single(workspace, ["--run-dir", str(workspace / "z3"), *_scratch(workspace)],
-                    ds_config="ds_configs/zero3.json")
+def test_an_unknown_zero_stage_is_refused_at_start(workspace: Path) -> None:
+    bad = workspace / "zero4.json"
+    ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    ds["zero_optimization"]["stage"] = 4
+    bad.write_text(json.dumps(ds))
+    result = single(workspace, ["--run-dir", str(workspace / "z4"), *_scratch(workspace)], ds_config=str(bad))
     assert result.returncode == 2
-    assert "ZeRO stage 3 is not supported for GPD models yet" in result.stderr
+    assert "zero_optimization.stage=4 is not a ZeRO stage; use 0, 1, 2 or 3" in result.stderr
 
 
 @pytest.mark.parametrize(("argv", "match"), [

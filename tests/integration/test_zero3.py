@@ -96,3 +96,19 @@ def test_activation_checkpointing_gives_the_same_steps(workspace: Path) -> None:
     plain = _run(workspace, "vit", 2, "zero2-droppath", "model.student_kwargs={\"depth\": 2, \"drop_path_rate\": 0.1}")
     torch.testing.assert_close(torch.tensor([v for _, v in train_losses(run)]),
                                torch.tensor([v for _, v in train_losses(plain)]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_distillation_token_student_trains_end_to_end(workspace: Path) -> None:
+    """A DeiT distilled student: both heads in training (the distillation head on the static teacher), under
+    ZeRO-3 on 2 ranks, exported as a plain timm distilled model."""
+    run = _run(workspace, "vit", 3, "distilled", "model.student=deit_tiny_distilled_patch16_224",
+               "model.distillation_token=true")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "train/loss" in r]
+    assert {"train/kd_static_to_student", "train/kd_static_to_dynamic_teacher"} <= train[0].keys()
+    assert any("eval/student/top1" in r for r in rows)
+    import timm
+    model = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, depth=2, img_size=32)
+    model.load_state_dict(_student(run), strict=True)
+    assert "head_dist.weight" in _student(run)

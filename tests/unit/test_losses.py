@@ -90,3 +90,22 @@ def test_gpd_loss_is_fp32_for_half_precision_logits() -> None:
 def test_gpd_loss_rejects_bad_settings(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         GPDLoss(**kwargs)
+
+
+def test_distillation_heads_take_the_static_teacher_and_the_class_heads_the_rest() -> None:
+    torch.manual_seed(0)
+    s_cls, s_dist, t_cls, t_dist, static = (torch.randn(6, 5, requires_grad=True) for _ in range(5))
+    y = torch.randint(0, 5, (6,))
+    loss = GPDLoss(kd="dkd")
+    both = loss((s_cls, s_dist), (t_cls, t_dist), y, static)
+    same = loss((s_cls, s_cls), (t_cls, t_cls), y, static)
+    single = loss(s_cls, t_cls, y, static)
+    torch.testing.assert_close(same.total, single.total)
+    torch.testing.assert_close(both.terms["kd_static_to_student"], loss.static_kd(s_dist, static, y))
+    torch.testing.assert_close(both.terms["ce_student"], single.terms["ce_student"])
+    kd_only = both.terms["kd_static_to_student"] + both.terms["kd_static_to_dynamic_teacher"]
+    grads = torch.autograd.grad(both.total, [s_dist, t_dist], retain_graph=True)
+    for g, ref in zip(grads, torch.autograd.grad(kd_only, [s_dist, t_dist]), strict=True):
+        torch.testing.assert_close(g, ref)
+    plain = loss.plain((s_cls, s_dist), y, static)
+    torch.testing.assert_close(plain.terms["kd_static_to_student"], loss.static_kd(s_dist, static, y))
