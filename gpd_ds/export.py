@@ -57,9 +57,10 @@ def run_weights(run_dir: Path, which: str) -> tuple[dict[str, torch.Tensor], dic
     if not found:
         raise ExportError(f"{str(run_dir)!r} has no complete checkpoint and no best weights to export")
     # our own checkpoint, written by DeepSpeed (it holds optimizer/RNG objects, hence weights_only=False)
-    name = next(n for n in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-                if (found[0] / n).is_file() or n.startswith("zero"))  # ZeRO-3 names it per rank
-    states = torch.load(found[0] / name, map_location="cpu", weights_only=False)
+    path = found[0] / "mp_rank_00_model_states.pt"
+    if not path.is_file():  # ZeRO-3 writes one per rank; rank 0's holds the client state
+        path = found[0] / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    states = torch.load(path, map_location="cpu", weights_only=False)
     client_step = states.get("step", states.get("global_steps"))
     if which == "last_ema":
         if not states.get("ema"):

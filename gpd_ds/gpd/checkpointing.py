@@ -21,7 +21,7 @@ from gpd_ds.gpd.layers import _STATE, mode_scope
 
 # residual / transformer blocks of the supported families (timm and torchvision), by class name
 BLOCK_CLASSES = ("BasicBlock", "Bottleneck", "Block", "InvertedResidual", "DepthwiseSeparableConv",
-                 "ConvNeXtBlock", "SqueezeExcite")
+                 "ConvNeXtBlock")
 
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):

@@ -59,6 +59,13 @@ def teacher_file(path: Path, name: str = "test_resnet", seed: int = 0) -> Path:
     return path
 
 
+def workspace_with_data(tmp: Path) -> Path:
+    """``tmp`` with the small dataset under data/ and a random static teacher in teacher.safetensors."""
+    small_data(tmp / "data")
+    teacher_file(tmp / "teacher.safetensors")
+    return tmp
+
+
 def overrides(data: Path, **extra: object) -> list[str]:
     """A tiny, fast, deterministic run of the demo recipe on ``data``."""
     values = {"data.root": data, "data.workers": 0, "data.eval_batch_size": 20, "optim.global_batch_size": 16,

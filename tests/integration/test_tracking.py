@@ -13,7 +13,7 @@ import pytest
 
 from gpd_ds.cli import main as cli_main
 from gpd_ds.progress import Progress
-from tests.integration.launch_helpers import REPO, check, env, overrides, small_data, teacher_file
+from tests.integration.launch_helpers import REPO, check, env, overrides, workspace_with_data
 from tests.integration.wandb_reader import read_run
 
 FAKE_KEY = "FAKEKEY" + "0123456789abcdef" * 2 + "01"  # 40 characters, like a real key
@@ -28,10 +28,7 @@ EVAL_NAMES = {f"eval/{m}/{k}" for m in ("student", "dynamic_teacher", "static_te
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("track")
-    small_data(tmp / "data")
-    teacher_file(tmp / "teacher.safetensors")
-    return tmp
+    return workspace_with_data(tmp_path_factory.mktemp("track"))
 
 
 def _run(tmp: Path, run_dir: Path, wandb_env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:

@@ -27,18 +27,15 @@ from tests.integration.launch_helpers import (
     launch,
     overrides,
     single,
-    small_data,
     teacher_file,
     train_losses,
+    workspace_with_data,
 )
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("train")
-    small_data(tmp / "data")
-    teacher_file(tmp / "teacher.safetensors")
-    return tmp
+    return workspace_with_data(tmp_path_factory.mktemp("train"))
 
 
 def _scratch(tmp: Path, **extra: object) -> list[str]:

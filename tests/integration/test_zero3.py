@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from gpd_ds.export import run_weights
-from tests.integration.launch_helpers import check, launch, overrides, small_data, teacher_file, train_losses
+from tests.integration.launch_helpers import check, launch, overrides, train_losses, workspace_with_data
 
 STUDENTS = {"cnn": ["model.student=test_resnet"],
             "vit": ["model.student=deit_tiny_patch16_224", "model.student_kwargs={\"depth\": 2}"]}
@@ -19,10 +19,7 @@ STUDENTS = {"cnn": ["model.student=test_resnet"],
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("zero3")
-    small_data(tmp / "data")
-    teacher_file(tmp / "teacher.safetensors")
-    return tmp
+    return workspace_with_data(tmp_path_factory.mktemp("zero3"))
 
 
 def _args(tmp: Path, run: Path, student: str, *extra: str) -> list[str]:
