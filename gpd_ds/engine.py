@@ -11,6 +11,9 @@ DeepSpeed keys stay in the ds_config JSON. Resolution (``resolve_ds_config``):
   scaler). Without a GPU the run is float32 (a log line says so).
 * refused with a clear message: an ``optimizer``/``scheduler`` block (the recipe's ``optim.*`` builds them),
   DeepSpeed's own ``wandb`` monitor (gpd_ds logs to W&B itself).
+* defaults (:func:`ds_defaults`): DeepSpeed's throughput timer off unless the ds_config sets ``timers``: it
+  synchronizes the device at every forward and step (its default ``synchronized: true``), which stalls the host
+  until the GPU drains and costs a host-bound step its whole overlap; gpd_ds measures throughput itself.
 
 ZeRO-3 partitions the GPD model's parameters; both modes run through the same modules each step, and every wide
 layer takes its student slice inside its own forward, where DeepSpeed has gathered its parameters. Reading the
@@ -23,6 +26,7 @@ import contextlib
 import json
 import logging
 import math
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -93,9 +97,7 @@ def resolve_ds_config(ds: dict, cfg: TrainConfig, world_size: int, device: torch
         raise ConfigError("gradient_clipping is not set: set it in the ds_config (0 disables it) or optim.grad_clip; "
                           "DeepSpeed would silently clip at 1.0")
     ds["gradient_clipping"] = clip
-    ds.setdefault("zero_allow_untested_optimizer", True)  # SGD under ZeRO
-    ds.setdefault("steps_per_print", 10**9)  # gpd_ds logs progress itself
-    ds.setdefault("wandb", {"enabled": False})
+    ds_defaults(ds)
 
     if device.type == "cpu":
         requested = [k for k in ("fp16", "bf16") if ds.get(k, {}).get("enabled")]
@@ -113,18 +115,43 @@ def resolve_ds_config(ds: dict, cfg: TrainConfig, world_size: int, device: torch
     return ds
 
 
+def ds_defaults(ds: dict) -> dict:
+    """Fill in (in place) the ds_config keys gpd_ds needs but DeepSpeed defaults otherwise; returns ``ds``."""
+    ds.setdefault("zero_allow_untested_optimizer", True)  # SGD under ZeRO
+    ds.setdefault("steps_per_print", 10**9)  # gpd_ds logs progress itself
+    ds.setdefault("wandb", {"enabled": False})
+    ds.setdefault("timers", {"throughput": {"enabled": False}})  # it syncs the device twice a step
+    return ds
+
+
 def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds: dict, world_size: int):
     """``deepspeed.initialize`` for a resolved ds_config; returns the engine.
 
-    A single rank without ZeRO has nothing to all-reduce, but DeepSpeed would still flatten every gradient into
-    buckets and back each step (measured: ~5% of a CPU GPD step); that no-op is switched off."""
+    Two ZeRO-0 costs are removed. A single rank has nothing to all-reduce, but DeepSpeed would still flatten every
+    gradient into buckets and back each step (measured: ~5% of a CPU GPD step); that no-op is switched off. And
+    gradient clipping runs sync-free (:func:`_clip_gradients`)."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
                                            dist_init_required=False)
-    if world_size == 1 and ds.get("zero_optimization", {}).get("stage", 0) == 0:
-        engine.enable_backward_allreduce = False
+    if zero_stage(ds) == 0:
+        if world_size == 1:
+            engine.enable_backward_allreduce = False
+        engine.clip_fp32_gradients = types.MethodType(_clip_gradients, engine)
     return engine
+
+
+def _clip_gradients(engine) -> None:
+    """ZeRO-0 gradient clipping, in place of DeepSpeed's ``clip_fp32_gradients``.
+
+    DeepSpeed's version builds two one-element tensors from Python floats on the device every step; each is a
+    pageable host-to-device copy, which waits for the GPU to finish the backward, so the host cannot queue the next
+    step ahead. ``torch.nn.utils.clip_grad_norm_`` computes the same clip (``min(1, max_norm / (norm + 1e-6))``)
+    with per-tensor-list (foreach) kernels where the device has them, and no sync. The gradients are already
+    all-reduced here (identical on every rank), so DeepSpeed's all-reduce of the norm is skipped too. The norm is
+    kept for the ``train/grad_norm`` log.
+    """
+    engine._global_grad_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping())
 
 
 def zero_stage(ds: dict) -> int:

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
-from gpd_ds.gpd.layers import STUDENT, TEACHER, TensorSpec, WideModule, mode_scope, narrow
+from gpd_ds.gpd.layers import STUDENT, TEACHER, TensorSpec, WideModule, mode_scope, narrow, pair_scope
 
 BOTH = "both"
 
@@ -49,6 +49,9 @@ class GPDModel(nn.Module):
         self.branches, self.pretrained_student = branches, pretrained_student
         self.raw_parameters = tuple(raw_parameters)
         self._source = _Detached(source)
+        # mode="both" hands the student pass the student views taken with the teacher's (pair_scope): the same
+        # numbers as separate views, with a cheaper backward. False only to measure or test the difference.
+        self.paired_views = True
 
     @property
     def student_is_source(self) -> bool:
@@ -62,10 +65,18 @@ class GPDModel(nn.Module):
 
     def forward(self, x: Tensor, mode: str) -> Tensor | GPDOutput:
         if mode == BOTH:
-            return GPDOutput(teacher=self._run(x, TEACHER), student=self._run(x, STUDENT))
+            with pair_scope(enabled=self.paired_views and not self._partitioned()):
+                return GPDOutput(teacher=self._run(x, TEACHER), student=self._run(x, STUDENT))
         if mode not in (STUDENT, TEACHER):
             raise ValueError(f"mode={mode!r} is not a GPD mode; use 'student', 'teacher' or 'both'")
         return self._run(x, mode)
+
+    def _partitioned(self) -> bool:
+        """Whether ZeRO-3 partitions the parameters (it tags them with ``ds_id``). It frees each layer's gathered
+        tensors after the layer's forward, so the teacher pass cannot hand the student pass a view of them: each
+        mode then takes its own view (:func:`~gpd_ds.gpd.layers.pair_scope` off)."""
+        first = next(self.parameters(), None)
+        return first is not None and hasattr(first, "ds_id")
 
     def _run(self, x: Tensor, mode: str) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_chans:

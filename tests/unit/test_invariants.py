@@ -186,3 +186,54 @@ def test_vit_teacher_has_twice_the_heads_at_the_same_head_dim() -> None:
     assert attn.qkv.weight.shape == (2 * 3 * 192, 2 * 192)
     assert model.net.head.weight.shape == (NUM_CLASSES, 2 * 192)
     assert model.net.parametrizations.pos_embed.original.shape[-1] == 2 * 192
+
+
+def _graph_node_names(root: torch.Tensor) -> set[str]:
+    seen, stack, names = set(), [root.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize(("name", "branches"), [("resnet18", True), ("mobilenetv2_100", False),
+                                                ("efficientnet_b0", False), ("convnext_atto", False),
+                                                ("deit_tiny_patch16_224", False)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_paired_views_give_the_same_gradients_as_separate_views(name: str, branches: bool, batch: int) -> None:
+    """mode="both" takes each tensor's two views from one node and accumulates the student's gradient in place; the
+    gradients must be those of separate views, bit for bit, also at batch 1 (where a reduction can be a no-op)."""
+    model = expand(make_student(name), branches=branches).train()
+    if name.startswith(("resnet", "mobilenet", "efficientnet")):
+        batch += 1  # train-mode BatchNorm needs two values per channel at the 1x1 end
+    x = images(name, batch=batch)
+    grads = {}
+    for paired in (True, False):
+        model.paired_views = paired
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)  # the same drop-path masks in both runs
+        out = model(x, mode="both")
+        loss = out.teacher.square().mean() + out.student.pow(3).mean() + (out.teacher * out.student).mean()
+        assert ("_PairViewsBackward" in _graph_node_names(loss)) == paired
+        loss.backward()
+        grads[paired] = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None for g in grads[True].values())
+    for n, g in grads[True].items():
+        torch.testing.assert_close(g, grads[False][n], rtol=0, atol=0, msg=n)
+
+
+def test_paired_views_are_off_without_grad_and_leave_no_state() -> None:
+    from gpd_ds.gpd.layers import _STATE
+
+    model = expand(make_student("deit_tiny_patch16_224")).train()
+    with torch.no_grad():
+        out = model(images("deit_tiny_patch16_224"), mode="both")
+    assert out.teacher.grad_fn is None
+    assert _STATE.pairs is None
+    out = model(images("deit_tiny_patch16_224"), mode="both")
+    assert "_PairViewsBackward" in _graph_node_names(out.student.sum())
+    assert _STATE.pairs is None

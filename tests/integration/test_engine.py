@@ -1,0 +1,56 @@
+"""The DeepSpeed engine set-up of gpd_ds.engine: ds_config defaults and ZeRO-0 gradient clipping (real engine)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from gpd_ds.engine import ds_defaults
+from tests.integration.launch_helpers import REPO, env
+
+# One process, the real engine on the CPU: gpd_ds's ZeRO-0 clip must update the weights exactly as DeepSpeed's own
+# clip (applied to a copy of the same gradients) followed by the same SGD step, and report the unclipped norm.
+CLIP_SCRIPT = """
+import copy
+import torch
+from deepspeed.runtime.utils import clip_grad_norm_
+from gpd_ds import distributed
+from gpd_ds.engine import ds_defaults, initialize
+
+distributed.init()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+reference = copy.deepcopy(model)
+ds = ds_defaults({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.5,
+                  "zero_optimization": {"stage": 0}})
+engine = initialize(model, torch.optim.SGD(model.parameters(), lr=0.1), None, ds, world_size=1)
+assert "clip_fp32_gradients" in vars(engine), "gpd_ds's clip is not installed"
+x, y = torch.randn(8, 16) * 10, torch.randint(0, 4, (8,))
+engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
+engine.step()
+
+torch.nn.functional.cross_entropy(reference(x), y).backward()
+norm = clip_grad_norm_(list(reference.parameters()), 0.5)
+with torch.no_grad():
+    for p in reference.parameters():
+        p -= 0.1 * p.grad
+assert float(norm) > 1.0, f"the test gradients must be clipped (norm {float(norm)})"
+torch.testing.assert_close(float(engine.get_global_grad_norm()), float(norm), rtol=1e-5, atol=0)
+for a, b in zip(engine.module.parameters(), reference.parameters(), strict=True):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+print("clip ok", float(norm))
+"""
+
+
+def test_ds_defaults_turn_off_the_syncing_throughput_timer_but_keep_an_explicit_one() -> None:
+    assert ds_defaults({})["timers"] == {"throughput": {"enabled": False}}
+    mine = {"throughput": {"enabled": True, "synchronized": False}}
+    assert ds_defaults({"timers": mine})["timers"] == mine
+
+
+def test_zero0_clipping_matches_deepspeeds_clip(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", CLIP_SCRIPT], cwd=REPO, env=env(tmp_path), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "clip ok" in result.stdout
