@@ -147,12 +147,12 @@ class WideBranchConv2d(WideConv2d):
     def branch_kernel(self, mode: str) -> Tensor:
         if mode == TEACHER:
             groups = self.groups * self.width_ratio if self.grouped else 1
-            return merge_kernel({n: self.teacher_tensor(n) for n in BRANCH_TENSORS}, groups)
+            return merge_kernel(dict(zip(BRANCH_TENSORS, self.teacher_tensors(*BRANCH_TENSORS), strict=True)), groups)
         return merge_kernel({n: self.student_tensor(n) for n in BRANCH_TENSORS}, self.groups)
 
     def forward(self, x: Tensor) -> Tensor:
         mode = current_mode()
-        bias = self.teacher_tensor("bias") if mode == TEACHER else self.student_tensor("bias")
+        (bias,) = self.teacher_tensors("bias") if mode == TEACHER else (self.student_tensor("bias"),)
         return self.conv(x, self.branch_kernel(mode), bias, mode)
 
     def student_state(self) -> dict[str, Tensor]:

@@ -28,9 +28,10 @@ MODES = (STUDENT, TEACHER)
 
 
 class _ModeState:
-    current: str | None = None
-    # Inside a pair call (pair_scope): the student views taken in the teacher pass, by (layer, tensor name).
-    pairs: dict[tuple[nn.Module, str], Tensor] | None = None
+    def __init__(self) -> None:
+        self.current: str | None = None
+        # Inside a pair call (pair_scope): the student views taken in the teacher pass, by (layer, tensor name).
+        self.pairs: dict[tuple[nn.Module, str], Tensor] | None = None
 
 
 _STATE = _ModeState()
@@ -132,38 +133,58 @@ class _ScaledSlice(torch.autograd.Function):
         return out, None, None
 
 
+@dataclass(frozen=True)
+class StudentSlice:
+    """Where the student's value sits in one wide tensor, worked out once from its spec and shape (paired views)."""
+
+    index: tuple[slice, ...]  # into the wide tensor, or into its grouped view
+    grouped: tuple[int, ...] | None  # the (out_groups, rest, ...) view of a grouped tensor
+    scale: int  # r where IR divided the tensor by r, else 1
+
+    @staticmethod
+    def of(shape: torch.Size, spec: TensorSpec, r: int) -> StudentSlice:
+        grouped = (spec.out_groups, shape[0] // spec.out_groups, *shape[1:]) if spec.out_groups > 1 else None
+        full, dims = grouped or tuple(shape), tuple(d + (grouped is not None) for d in spec.dims)
+        index = tuple(slice(0, n // r) if d in dims else slice(None) for d, n in enumerate(full))
+        return StudentSlice(index, grouped, r if spec.scaled else 1)
+
+    def take(self, wide: Tensor) -> Tensor:
+        view = (wide if self.grouped is None else wide.view(self.grouped))[self.index]
+        view = view * self.scale if self.scale != 1 else view
+        return view if self.grouped is None else view.reshape(-1, *view.shape[2:])
+
+    def add_grad(self, teacher_grad: Tensor, student_grad: Tensor) -> None:
+        target = (teacher_grad if self.grouped is None else teacher_grad.view(self.grouped))[self.index]
+        target.add_(student_grad.view(target.shape), alpha=self.scale)
+
+
 class _PairViews(torch.autograd.Function):
-    """A wide parameter's teacher value (the whole tensor) and student value (its slice, times r where scaled) as one
-    autograd node. Autograd calls its backward once both modes' gradients have arrived (either may be missing), so
-    the student's gradient is added into the teacher's slice in place.
+    """The teacher values (the whole tensors) and student values (slices, times r where scaled) of one layer's
+    wide parameters as one autograd node. Autograd calls its backward once both modes' gradients have arrived
+    (either may be missing), so each student gradient is added into its teacher gradient's slice in place.
 
     In place is safe because every wide layer feeds its tensors to conv, matmul, norm or elementwise ops, whose
     backward returns a fresh gradient that nothing else reads (tested against the unpaired path for every
-    supported family).
+    supported family, at batch 1 too).
     """
 
     @staticmethod
-    def forward(ctx, wide: Tensor, spec: TensorSpec, r: int) -> tuple[Tensor, Tensor]:
+    def forward(ctx, slices: tuple[StudentSlice, ...], *wides: Tensor) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)
-        ctx.spec, ctx.r, ctx.shape = spec, r, wide.shape
-        student = narrow(wide, spec, r)
-        if student is wide:  # nothing widened: both values are the whole tensor
-            student = wide.view_as(wide)
-        elif spec.scaled:
-            student = student * r
-        if spec.out_groups > 1:
-            student = student.reshape(-1, *student.shape[2:])
-        return wide.view_as(wide), student
+        ctx.slices, ctx.shapes = slices, [w.shape for w in wides]
+        return (*(w.view_as(w) for w in wides), *(s.take(w) for s, w in zip(slices, wides, strict=True)))
 
     @staticmethod
-    def backward(ctx, teacher_grad: Tensor | None, student_grad: Tensor | None) -> tuple[Tensor | None, None, None]:
-        if student_grad is None:
-            return teacher_grad, None, None
-        if teacher_grad is None:
-            teacher_grad = student_grad.new_zeros(ctx.shape)
-        target = narrow(teacher_grad, ctx.spec, ctx.r)
-        target.add_(student_grad.reshape(target.shape), alpha=ctx.r if ctx.spec.scaled else 1)
-        return teacher_grad, None, None
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        n = len(ctx.slices)
+        out = []
+        for s, shape, teacher_grad, student_grad in zip(ctx.slices, ctx.shapes, grads[:n], grads[n:], strict=True):
+            if student_grad is not None:
+                if teacher_grad is None:
+                    teacher_grad = student_grad.new_zeros(shape)
+                s.add_grad(teacher_grad, student_grad)
+            out.append(teacher_grad)
+        return (None, *out)
 
 
 def student_view(t: Tensor, spec: TensorSpec, r: int) -> Tensor:
@@ -184,6 +205,7 @@ class WideModule(nn.Module):
         super().__init__()
         self.width_ratio = width_ratio
         self.specs: dict[str, TensorSpec] = {}
+        self.slices: dict[str, StudentSlice] = {}
 
     def register_wide(self, name: str, student_tensor: Tensor | None, spec: TensorSpec,
                       buffer: bool = False) -> None:
@@ -193,20 +215,27 @@ class WideModule(nn.Module):
             return
         self.specs[name] = spec
         wide = widen(student_tensor.detach().float(), spec, self.width_ratio)
+        self.slices[name] = StudentSlice.of(wide.shape, spec, self.width_ratio)
         if buffer:
             self.register_buffer(name, wide)
         else:
             self.register_parameter(name, nn.Parameter(wide))
 
-    def teacher_tensor(self, name: str) -> Tensor | None:
-        """The teacher's value of a wide tensor (the tensor itself); in a pair call the student's value is taken
-        from the same autograd node and kept for the student pass."""
-        wide = getattr(self, name)
+    def teacher_tensors(self, *names: str) -> list[Tensor | None]:
+        """The teacher's values of wide tensors (the tensors themselves). In a pair call the student's values are
+        taken from the same autograd node (one per layer) and kept for the student pass."""
+        wides = [getattr(self, name) for name in names]
         pairs = _STATE.pairs
-        if pairs is None or wide is None or not wide.requires_grad:
-            return wide
-        teacher, pairs[(self, name)] = _PairViews.apply(wide, self.specs[name], self.width_ratio)
-        return teacher
+        if pairs is None:
+            return wides
+        paired = [i for i, w in enumerate(wides) if w is not None and w.requires_grad]
+        if not paired:
+            return wides
+        views = _PairViews.apply(tuple(self.slices[names[i]] for i in paired), *(wides[i] for i in paired))
+        for k, i in enumerate(paired):
+            wides[i] = views[k]
+            pairs[(self, names[i])] = views[len(paired) + k]
+        return wides
 
     def student_tensor(self, name: str) -> Tensor | None:
         """The student's value of a wide tensor: its slice, times r where IR divided by r."""
@@ -282,13 +311,13 @@ class WideConv2d(WideModule):
     def forward(self, x: Tensor) -> Tensor:
         mode = current_mode()
         if mode == TEACHER:
-            return self.conv(x, self.teacher_tensor("weight"), self.teacher_tensor("bias"), mode)
+            return self.conv(x, *self.teacher_tensors("weight", "bias"), mode)
         return self.conv(x, self.student_tensor("weight"), self.student_tensor("bias"), mode)
 
     def teacher_scaled(self, x: Tensor, weight_scale: float, bias_scale: float) -> Tensor:
         """The teacher-mode output with the weight and bias scaled (a dense conv: ``scale * conv`` folded)."""
-        weight, bias = self.teacher_tensor("weight"), self.teacher_tensor("bias")
-        bias = None if bias is None else bias * bias_scale
+        weight, bias = self.teacher_tensors("weight", "bias")
+        bias = None if bias is None or bias_scale == 1.0 else bias * bias_scale
         return F.conv2d(x, weight * weight_scale, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
@@ -309,13 +338,13 @@ class WideLinear(WideModule):
 
     def forward(self, x: Tensor) -> Tensor:
         if current_mode() == TEACHER:
-            return F.linear(x, self.teacher_tensor("weight"), self.teacher_tensor("bias"))
+            return F.linear(x, *self.teacher_tensors("weight", "bias"))
         return F.linear(x, self.student_tensor("weight"), self.student_tensor("bias"))
 
     def teacher_scaled(self, x: Tensor, weight_scale: float, bias_scale: float) -> Tensor:
         """The teacher-mode output with the weight and bias scaled."""
-        weight, bias = self.teacher_tensor("weight"), self.teacher_tensor("bias")
-        return F.linear(x, weight * weight_scale, None if bias is None else bias * bias_scale)
+        weight, bias = self.teacher_tensors("weight", "bias")
+        return F.linear(x, weight * weight_scale, None if bias is None or bias_scale == 1.0 else bias * bias_scale)
 
     def extra_repr(self) -> str:
         return f"student={self.in_features}->{self.out_features}, r={self.width_ratio}"
@@ -385,8 +414,8 @@ class WideBatchNorm2d(WideModule):
             # A non-homogeneous activation needs act(r * y) / r: leave the norm's output at r * y (affine not
             # divided) and divide once after the activation, instead of dividing and multiplying back.
             fold = isinstance(self.act, WideActivation) and not self.act.gate
-            weight, bias = _teacher_affine(self.teacher_tensor("weight"), self.teacher_tensor("bias"),
-                                           self.num_features * r, 1.0 if fold else 1 / r, x)
+            weight, bias = _teacher_affine(*self.teacher_tensors("weight", "bias"), self.num_features * r,
+                                           1.0 if fold else 1 / r, x)
             x = self._norm(x, self.running_mean, self.running_var, self.num_batches_tracked, weight, bias,
                            self.eps / r**2)
             if fold:
@@ -432,8 +461,7 @@ class WideLayerNorm(WideModule):
         r = self.width_ratio
         if current_mode() == TEACHER:
             width, eps = self.num_features * r, self.eps / r**2
-            weight, bias = _teacher_affine(self.teacher_tensor("weight"), self.teacher_tensor("bias"), width, 1 / r,
-                                           x)
+            weight, bias = _teacher_affine(*self.teacher_tensors("weight", "bias"), width, 1 / r, x)
         else:
             weight, bias = self.student_tensor("weight"), self.student_tensor("bias")
             width, eps = self.num_features, self.eps
@@ -498,7 +526,7 @@ class WideScale(WideModule):
         self.register_wide("gamma", gamma, TensorSpec((0,), scaled=False, noisy=False))
 
     def forward(self, x: Tensor) -> Tensor:
-        gamma = self.teacher_tensor("gamma") if current_mode() == TEACHER else self.student_tensor("gamma")
+        (gamma,) = self.teacher_tensors("gamma") if current_mode() == TEACHER else (self.student_tensor("gamma"),)
         if self.channels_first:
             gamma = gamma.view(1, -1, 1, 1)
         return x.mul_(gamma) if self.inplace else x * gamma
