@@ -148,7 +148,7 @@ def _convert_layer_scale(channels_first: bool) -> Callable[[nn.Module, str, _Wal
 def _convert_mlp(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
     """Fold the activation's rescaling into fc1/fc2 (:class:`WideMlp`) when there is one to fold."""
     dense = all(isinstance(f, WideLinear) or (isinstance(f, WideConv2d) and not f.grouped) for f in (m.fc1, m.fc2))
-    if not (isinstance(m.act, WideActivation) and not m.act.gate and isinstance(m.norm, nn.Identity) and dense):
+    if not (isinstance(m.act, WideActivation) and m.act.rescales and isinstance(m.norm, nn.Identity) and dense):
         return m
     drop1 = getattr(m, "drop1", getattr(m, "drop", nn.Identity()))
     drop2 = getattr(m, "drop2", nn.Identity())

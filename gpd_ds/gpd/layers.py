@@ -413,7 +413,7 @@ class WideBatchNorm2d(WideModule):
         if current_mode() == TEACHER:
             # A non-homogeneous activation needs act(r * y) / r: leave the norm's output at r * y (affine not
             # divided) and divide once after the activation, instead of dividing and multiplying back.
-            fold = isinstance(self.act, WideActivation) and not self.act.gate
+            fold = isinstance(self.act, WideActivation) and self.act.rescales
             weight, bias = _teacher_affine(*self.teacher_tensors("weight", "bias"), self.num_features * r,
                                            1.0 if fold else 1 / r, x)
             x = self._norm(x, self.running_mean, self.running_var, self.num_batches_tracked, weight, bias,
@@ -479,20 +479,31 @@ class WideActivation(nn.Module):
 
     ``gate=True`` is for a multiplicative gate (squeeze-excite): its output multiplies an activation
     that already carries the 1/r, so the gate itself must stay at scale 1: ``act(r * x)``.
+    A clamp (ReLU6, Hardtanh) has the closed form ``clamp(r * x, lo, hi) / r = clamp(x, lo / r, hi / r)`` (exact
+    for r = 2): the teacher clamps at scaled bounds, with no rescaling passes over the activations.
     """
 
     def __init__(self, act: nn.Module, width_ratio: int, gate: bool = False) -> None:
         super().__init__()
         self.act, self.width_ratio, self.gate = act, width_ratio, gate
+        self.clamp = isinstance(act, nn.Hardtanh) and not gate
+
+    @property
+    def rescales(self) -> bool:
+        """Whether teacher mode computes ``act(r * x) / r`` with rescaling passes (which a producer can fold)."""
+        return not (self.gate or self.clamp)
 
     def forward(self, x: Tensor) -> Tensor:
         if current_mode() == STUDENT:
             return self.act(x)
-        y = self.act(x * self.width_ratio)
-        return y if self.gate else y / self.width_ratio
+        r = self.width_ratio
+        if self.clamp:
+            return F.hardtanh(x, self.act.min_val / r, self.act.max_val / r, self.act.inplace)
+        y = self.act(x * r)
+        return y if self.gate else y / r
 
     def extra_repr(self) -> str:
-        return f"gate={self.gate}, r={self.width_ratio}"
+        return f"gate={self.gate}, clamp={self.clamp}, r={self.width_ratio}"
 
 
 class WideMlp(nn.Module):

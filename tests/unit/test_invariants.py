@@ -237,3 +237,19 @@ def test_paired_views_are_off_without_grad_and_leave_no_state() -> None:
     out = model(images("deit_tiny_patch16_224"), mode="both")
     assert "_PairViewsBackward" in _graph_node_names(out.student.sum())
     assert _STATE.pairs is None
+
+
+@pytest.mark.parametrize("act", [torch.nn.ReLU6(), torch.nn.Hardtanh(-0.5, 2.0)])
+def test_teacher_clamp_activation_uses_scaled_bounds_exactly(act: torch.nn.Module) -> None:
+    """ReLU6/Hardtanh in teacher mode clamp at bounds / r: the same numbers as act(r x) / r (bitwise for r = 2), with
+    no rescaling passes (and the BatchNorm before it not folded)."""
+    from gpd_ds.gpd.layers import TEACHER, WideActivation
+
+    wide = WideActivation(act, width_ratio=2)
+    assert wide.clamp
+    assert not wide.rescales
+    x = torch.randn(4, 8, 5, 5) * 4
+    with mode_scope(TEACHER):
+        got = wide(x.clone())
+    torch.testing.assert_close(got, act(x * 2) / 2, rtol=0, atol=0)
+    assert not WideActivation(act, width_ratio=2, gate=True).clamp
