@@ -36,8 +36,8 @@ timeout "$(limit 60)" python3 bench/host_syncs.py --pairs deits_deitti --zero 0 
 # 2. framework vs hand-written GPD step, all three pairs, ZeRO 0/2, eager, with ablations  (~3 min on an H100)
 timeout "$(limit 240)" python3 bench/step_throughput.py --device "$DEVICE" "${size[@]}" --zero 0 2 --ablations 2>&1 \
     | tee "$OUT/step_eager.txt" || true
-# 3. peak memory, ResNet and DeiT pairs, one fresh process per variant                 (~1 min)
-timeout "$(limit 75)" python3 bench/memory.py --device "$DEVICE" --pairs r34_r18 deits_deitti "${size[@]:0:4}" 2>&1 \
+# 3. peak memory, ResNet and DeiT pairs, one fresh process per variant   (~2 min: 10 process starts on an H100)
+timeout "$(limit 150)" python3 bench/memory.py --device "$DEVICE" --pairs r34_r18 deits_deitti "${size[@]:0:4}" 2>&1 \
     | tee "$OUT/memory.txt" || true
 # 4. torch.compile (framework: engine.compile), DeiT pair, ZeRO 0 and 2: what is left of the budget but 90 s
 if ((BUDGET - SECONDS > 150)); then
