@@ -153,6 +153,14 @@ class StudentSlice:
         view = view * self.scale if self.scale != 1 else view
         return view if self.grouped is None else view.reshape(-1, *view.shape[2:])
 
+    def value(self, wide: Tensor) -> Tensor:
+        """:meth:`take` as an autograd-tracked value of ``wide`` on its own (a scaled slice is one node)."""
+        if self.scale == 1:
+            return self.take(wide)
+        view = _ScaledSlice.apply(wide if self.grouped is None else wide.view(self.grouped), self.index,
+                                  float(self.scale))
+        return view if self.grouped is None else view.reshape(-1, *view.shape[2:])
+
     def add_grad(self, teacher_grad: Tensor, student_grad: Tensor) -> None:
         target = (teacher_grad if self.grouped is None else teacher_grad.view(self.grouped))[self.index]
         target.add_(student_grad.view(target.shape), alpha=self.scale)
@@ -189,13 +197,7 @@ class _PairViews(torch.autograd.Function):
 
 def student_view(t: Tensor, spec: TensorSpec, r: int) -> Tensor:
     """The student's value of a wide tensor: its slice, times r where IR divided by r."""
-    if not spec.scaled:
-        view = narrow(t, spec, r)
-    else:
-        g, dims = _grouped(t, spec)
-        index = tuple(slice(0, g.shape[d] // r) if d in dims else slice(None) for d in range(g.ndim))
-        view = _ScaledSlice.apply(g, index, float(r))
-    return view.reshape(-1, *view.shape[2:]) if spec.out_groups > 1 else view
+    return StudentSlice.of(t.shape, spec, r).value(t)
 
 
 class WideModule(nn.Module):
@@ -243,7 +245,7 @@ class WideModule(nn.Module):
         if wide is None:
             return None
         paired = None if _STATE.pairs is None else _STATE.pairs.pop((self, name), None)
-        return paired if paired is not None else student_view(wide, self.specs[name], self.width_ratio)
+        return paired if paired is not None else self.slices[name].value(wide)
 
     @torch.no_grad()
     def add_noise(self, std: float) -> None:

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
-from gpd_ds.gpd.layers import STUDENT, TEACHER, TensorSpec, WideModule, mode_scope, narrow, pair_scope
+from gpd_ds.gpd.layers import STUDENT, TEACHER, TensorSpec, WideModule, mode_scope, pair_scope, student_view
 
 BOTH = "both"
 
@@ -88,8 +88,7 @@ class GPDModel(nn.Module):
     def raw_student_tensor(self, path: str, name: str, spec: TensorSpec) -> Tensor:
         """Student value of a raw (parametrized) container parameter."""
         wide = self.net.get_submodule(path).parametrizations[name].original
-        view = narrow(wide, spec, self.width_ratio)
-        return view * self.width_ratio if spec.scaled else view
+        return student_view(wide, spec, self.width_ratio)
 
     def num_parameters(self, mode: str) -> int:
         """Trainable elements of the dynamic teacher (``teacher``) or of the student view (``student``)."""
