@@ -2,8 +2,9 @@
 
 In one process, in rotating order, on the same batch, precision and memory format (channels_last input):
 
-* ``framework zeroN``: DeepSpeed engine (ZeRO stage N) around ``expand(student)`` + ``StaticTeacher`` + ``GPDLoss``,
-  through ``gpd_ds.train.train_step``: static teacher forward, both GPD modes, one backward, ``engine.step``;
+* ``framework zeroN``: DeepSpeed engine (the shipped ``ds_configs/zeroN.json``) around ``expand(student)`` +
+  ``StaticTeacher`` + ``GPDLoss``, through ``gpd_ds.train.train_step``: static teacher forward, both GPD modes, one
+  backward, ``engine.step``;
 * ``hand-written GPD``: plain timm student, a plain timm model twice as wide (the dynamic teacher's shape, its own
   weights), the static teacher, the same losses, one backward of the sum, clip 5, SGD step;
 * ``hand-written KD`` (static teacher + student, CE + DKD) and ``CE only``, for context.
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import time
+from pathlib import Path
 
 import deepspeed
 import timm
@@ -36,6 +39,7 @@ from gpd_ds.models.teacher import StaticTeacher
 from gpd_ds.train import train_step
 
 NUM_CLASSES = 1000
+CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
 def _wide(pair: str, size: int) -> torch.nn.Module:
@@ -110,10 +114,11 @@ def framework(inp: Inputs, stage: int, undo: str | None = None) -> Variant:
     student = create_model(inp.student_name, num_classes=NUM_CLASSES, image_size=inp.size)
     model = expand(student, input_size=(3, inp.size, inp.size), verify=False).to(inp.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    ds = ds_defaults({"train_batch_size": inp.batch, "train_micro_batch_size_per_gpu": inp.batch,
-                      "gradient_clipping": 5.0, "zero_optimization": {"stage": stage},
-                      "torch_autocast": {"enabled": inp.dtype is not None, "dtype": "bfloat16"},
-                      **({"timers": {"throughput": {"enabled": True}}} if undo == "ds timer" else {})})
+    ds = json.loads((CONFIGS / f"zero{stage}.json").read_text())  # the shipped config of this stage
+    ds.update({"train_batch_size": inp.batch, "train_micro_batch_size_per_gpu": inp.batch,
+               "torch_autocast": {"enabled": inp.dtype is not None, "dtype": "bfloat16"},
+               **({"timers": {"throughput": {"enabled": True}}} if undo == "ds timer" else {})})
+    ds = ds_defaults(ds)
     engine = initialize(model, optimizer, None, ds, world_size=1)
     model.paired_views = undo != "unpaired"
     if undo == "ds clip":
