@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,8 @@ from gpd_ds.gpd.model import GPDModel
 from gpd_ds.losses import GPDLoss, soft_cross_entropy
 from gpd_ds.models import create_model
 from tests.helpers import NUM_CLASSES, images, make_student
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 GRAD_FAMILIES = ["torchvision:resnet18", "mobilenetv2_100", "deit_tiny_patch16_224"]
 
@@ -253,3 +258,34 @@ def test_teacher_clamp_activation_uses_scaled_bounds_exactly(act: torch.nn.Modul
         got = wide(x.clone())
     torch.testing.assert_close(got, act(x * 2) / 2, rtol=0, atol=0)
     assert not WideActivation(act, width_ratio=2, gate=True).clamp
+
+
+def _activation_sized_ops(fn, batch: int) -> collections.Counter:
+    from op_count import OpCounter  # bench/op_count.py: the benchmark's own counter
+
+    with OpCounter(batch) as counter:
+        fn()
+    return collections.Counter({name: n for (name, size), n in counter.counts.items() if size == "act"})
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenetv1_100", "mobilenetv2_100", "convnext_atto",
+                                  "deit_tiny_patch16_224"])
+def test_gpd_pass_runs_no_more_activation_sized_ops_than_two_plain_models(name: str) -> None:
+    """Forward + backward of both GPD modes dispatch no more operators over activations than the plain student's
+    forward + backward twice (a plain twice-wide model has the same operators): the IR rescalings are folded into
+    weights, norm affines and clamp bounds, never paid as passes over activations (bench/op_count.py; on a GPU such
+    a pass costs as much as the activation itself). Not for SiLU/Hardswish families: act(r x) / r there takes one
+    extra pass per activation, by design."""
+    batch = 11  # no layer width of these models is a multiple of 11, every activation's batch (or token) dim is
+    student = make_student(name).train()
+    model = expand(copy.deepcopy(student), branches=False).train()
+    x = images(name, batch=batch)
+
+    def gpd() -> None:
+        out = model(x, mode="both")
+        (out.teacher.sum() + out.student.sum()).backward()
+
+    plain = _activation_sized_ops(lambda: student(x).sum().backward(), batch)
+    got = _activation_sized_ops(gpd, batch)
+    assert sum(got.values()) <= 2 * sum(plain.values()), {
+        op: (got[op], 2 * plain[op]) for op in got.keys() | plain.keys() if got[op] != 2 * plain[op]}
