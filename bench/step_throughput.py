@@ -229,11 +229,15 @@ def main() -> None:
         variants = build_variants(pair, args, device)
         measure(variants, args, device)
         rate = {v.name: statistics.median(v.rates) for v in variants}
-        hand = rate["hand-written GPD"]
+        hand, hand_rates = rate["hand-written GPD"], next(v.rates for v in variants if v.name == "hand-written GPD")
         print(f"\n{pair} ({' <- '.join(PAIRS[pair][:2])})")
-        for name, r in rate.items():
-            extra = f"  framework / hand-written {r / hand:.3f}" if name.startswith("framework") else ""
-            print(f"  {name:28} {r:9.1f} img/s{extra}")
+        for v in variants:
+            extra = ""
+            if v.name.startswith("framework"):  # the spread of the ratio within a round shows the noise
+                per_round = [a / b for a, b in zip(v.rates, hand_rates, strict=True)]
+                extra = (f"  framework / hand-written {rate[v.name] / hand:.3f}"
+                         f" (rounds {min(per_round):.3f}-{max(per_round):.3f})")
+            print(f"  {v.name:28} {rate[v.name]:9.1f} img/s{extra}")
         kd = rate["hand-written KD"]
         best = max((r for n, r in rate.items() if n.startswith("framework") and " -" not in n), default=None)
         print(f"  GPD time / KD time: hand-written {kd / hand:.2f}"
