@@ -229,7 +229,8 @@ def main() -> None:
         variants = build_variants(pair, args, device)
         measure(variants, args, device)
         rate = {v.name: statistics.median(v.rates) for v in variants}
-        hand, hand_rates = rate["hand-written GPD"], next(v.rates for v in variants if v.name == "hand-written GPD")
+        hand_rates = next(v.rates for v in variants if v.name == "hand-written GPD")
+        hand = rate["hand-written GPD"]
         print(f"\n{pair} ({' <- '.join(PAIRS[pair][:2])})")
         for v in variants:
             extra = ""
