@@ -1,12 +1,30 @@
-"""Checkpoints: DeepSpeed's ``save_checkpoint`` on every rank, made atomic by a completion marker.
+"""Checkpoints: DeepSpeed's ``save_checkpoint`` on every rank, made atomic by a completion marker, loaded safely.
 
-Layout: ``RUN_DIR/checkpoints/step000001234/`` (DeepSpeed's files) plus ``gpd_complete.json``, written by rank 0
-after every rank has finished writing. A checkpoint without the marker (a crash mid-save) is never resumed from
-and is removed later; a new checkpoint never overwrites an old one, so a crash cannot damage the last good one.
-The last ``keep`` complete checkpoints are kept. ``resume("auto")`` loads the newest complete checkpoint and, if
-it cannot be read on some rank, falls back to the previous one.
+Layout: ``RUN_DIR/checkpoints/step000001234/`` (DeepSpeed's files, so ``zero_to_fp32`` and ``ds_to_universal``
+work on it) plus ``gpd_complete.json``, written by rank 0 after every rank has written its files. The marker is
+plain JSON: the step, the world size, the ZeRO stage, the resolved config and the run's *lineage* (an id made when
+the run starts from step 0 and carried through every resume).
 
-Per-rank state (data position, RNG) is gathered into the client state, which rank 0 saves.
+Rules (each one has a test):
+
+* **Saving** never writes into an existing step directory, checks the free space against the last checkpoint's
+  size first, and turns a failed write on any rank (disk full, I/O error) into one error on every rank, naming
+  the path and the free bytes, with the partial directory removed and the previous checkpoint intact. Pruning
+  keeps the newest ``keep`` complete checkpoints of this run's lineage and touches nothing else.
+* **Resuming** (:func:`resume`) tries the newest complete checkpoint first. One that cannot be *read* (truncated,
+  I/O error, corrupt pickle) is renamed ``step....unreadable`` (kept for inspection, out of the way of new
+  saves) and the previous one is tried, with a warning. One that is *incompatible* with the config (another
+  model, width ratio, optimizer or ZeRO stage; tensors of other shapes) stops the run with an error naming what
+  differs. One that holds a Python object outside the allow-list stops the run (:class:`UnsafeFileError`).
+  If complete checkpoints exist and none loads, the run stops: it never starts over silently.
+* **Starting over** (:func:`prepare_run_dir`): ``--resume none`` in a directory that holds checkpoints is refused
+  unless ``--overwrite`` is given, which removes the old checkpoints, best weights and metrics first. Incomplete
+  step directories (a crash mid-save) are removed at start.
+
+Loading never runs code from a file: every ``torch.load`` (DeepSpeed's own, which pass ``weights_only=False``,
+included) runs under :func:`gpd_ds.safeload.safe_loading`: weights-only, with an allow-list of the few types
+DeepSpeed puts into its files. Per-rank state (data position, RNG) is gathered into the client state, which
+rank 0 saves, as tensors, numbers and strings only.
 """
 
 from __future__ import annotations
@@ -18,23 +36,124 @@ import pickle
 import re
 import shutil
 import time
+import uuid
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from gpd_ds.distributed import all_gather_object, barrier
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+from gpd_ds.distributed import DistInfo, all_gather_object, broadcast_object
 from gpd_ds.errors import UserInputError
+from gpd_ds.safeload import UnsafeFileError, is_unsafe, load_file, safe_loading
 
 log = logging.getLogger(__name__)
 
 MARKER = "gpd_complete.json"
+UNREADABLE = ".unreadable"
 _TAG = re.compile(r"^step(\d{9})$")
+# what a save of the same model needs beyond the last checkpoint's size (files grow a little with the step count)
+SPACE_MARGIN = 1.1
+# config keys whose change makes a checkpoint unusable (other shapes, another optimizer state)
+INCOMPATIBLE_KEYS = ("model.method", "model.student", "model.student_kwargs", "model.width_ratio",
+                     "model.branches", "model.distillation_token", "optim.optimizer")
+# what the run outputs besides checkpoints: removed with them by --overwrite
+RUN_OUTPUTS = ("checkpoints", "best", "metrics.jsonl")
 
 
-class ResumeError(UserInputError, RuntimeError):
-    """No usable checkpoint where one was asked for."""
+class CheckpointError(UserInputError, RuntimeError):
+    """A checkpoint cannot be written or used; the message names the path and the fix."""
+
+
+class ResumeError(CheckpointError):
+    """No usable checkpoint where one was asked for, or a resume that would lose work."""
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """A readable checkpoint of another model or optimizer than the config describes."""
+
+
+class StorageError(CheckpointError):
+    """The checkpoint directory is full, read-only or failing."""
 
 
 def tag_for(step: int) -> str:
     return f"step{step:09d}"
+
+
+def step_of(path: Path) -> int:
+    return int(_TAG.match(path.name).group(1))
+
+
+def new_lineage() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+# ------------------------------------------------------------------------------------------------- engine
+
+
+class GuardedCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine with two changes: ``load`` is weights-only (an unsafe file raises
+    :class:`UnsafeFileError` naming it) and ``save`` records a failed write instead of raising, so the
+    failing rank still reaches DeepSpeed's closing barrier and :func:`save` reports the failure on every rank
+    instead of leaving the others waiting for the collective timeout."""
+
+    def __init__(self, config_params=None) -> None:
+        super().__init__(config_params)
+        self.failures: list[str] = []
+
+    def save(self, state_dict, path: str) -> None:
+        try:
+            super().save(state_dict, path)
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError (iostream error)
+            self.failures.append(f"{path}: {type(e).__name__}: {str(e)[:200]}")
+
+    def load(self, path: str, map_location=None):
+        return load_file(path, map_location)
+
+
+def install_engine(engine) -> None:
+    """Give a DeepSpeed engine the :class:`GuardedCheckpointEngine` (call once, after ``deepspeed.initialize``).
+    DeepSpeed's ZeRO save also copies its two recovery scripts into the checkpoint outside the checkpoint engine;
+    a failure there is recorded the same way."""
+    guarded = GuardedCheckpointEngine(engine._config)
+    engine.checkpoint_engine = guarded
+    copy_scripts = engine._copy_recovery_script
+
+    def copy_recording_failures(save_path: str) -> None:
+        try:
+            copy_scripts(save_path)
+        except OSError as e:
+            guarded.failures.append(f"{e.filename}: {type(e).__name__}: {e}")
+
+    engine._copy_recovery_script = copy_recording_failures
+
+
+# ------------------------------------------------------------------------------------------------- markers
+
+
+@dataclass(frozen=True)
+class Marker:
+    """What ``gpd_complete.json`` says about a complete checkpoint."""
+
+    path: Path
+    step: int
+    world_size: int | None
+    zero_stage: int | None
+    lineage: str | None
+    config: dict | None
+
+    @classmethod
+    def read(cls, path: Path) -> Marker:
+        try:
+            data = json.loads((path / MARKER).read_text())
+        except (OSError, json.JSONDecodeError) as e:  # written atomically: damage means the disk, not a crash
+            raise ResumeError(f"the completion marker {path / MARKER} cannot be read ({e}); move the directory "
+                              "away to resume from the previous checkpoint") from e
+        return cls(path, data.get("step", step_of(path)), data.get("world_size"), data.get("zero_stage"),
+                   data.get("lineage"), data.get("config"))
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -45,28 +164,121 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def save(engine, root: Path, step: int, client_state: dict, keep: int, is_main: bool, world_size: int) -> Path:
-    """Save on every rank; rank 0 marks it complete and prunes old and incomplete checkpoints."""
-    tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    barrier()
+def _incomplete(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir() if _TAG.match(p.name) and not (p / MARKER).is_file()]
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# ------------------------------------------------------------------------------------------------- saving
+
+
+def _on_main(fn: Callable[[], Any], info: DistInfo) -> Any:
+    """Run ``fn`` on rank 0 only; every rank gets its result, or raises its :class:`CheckpointError`."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except CheckpointError as e:
+            error = e
+        except OSError as e:
+            error = StorageError(f"{e.filename or 'the checkpoint directory'}: {type(e).__name__}: {e}")
+    result, error = broadcast_object((result, None if error is None else (type(error), str(error))))
+    if error is not None:
+        raise error[0](error[1])
+    return result
+
+
+def _check_before_save(root: Path, tag: str) -> None:
     path = root / tag
-    if is_main:
+    if path.exists():
+        raise CheckpointError(f"{path} exists already; a save never writes into an existing checkpoint. Move it "
+                              "away (or start this run in a new --run-dir)")
+    previous = complete_checkpoints(root)
+    if not previous:
+        return
+    last = _size(previous[0])
+    free = shutil.disk_usage(root).free
+    if free < last * SPACE_MARGIN:
+        raise StorageError(f"not enough space to save checkpoint {path}: {free / 1e9:.2f} GB free on that file "
+                           f"system, and the last checkpoint ({previous[0].name}) took {last / 1e9:.2f} GB; free "
+                           f"space there (or lower run.keep_checkpoints); {previous[0]} is intact")
+
+
+def save(engine, root: Path, step: int, client_state: dict, keep: int, info: DistInfo, meta: dict) -> Path:
+    """Save on every rank; rank 0 marks it complete (``meta`` goes into the marker: lineage, config, ZeRO stage)
+    and prunes this lineage's old checkpoints and the incomplete ones. Raises :class:`StorageError` on all ranks
+    if any rank failed to write."""
+    tag = tag_for(step)
+    path = root / tag
+    _on_main(lambda: (root.mkdir(parents=True, exist_ok=True), _check_before_save(root, tag)), info)
+    failures = engine.checkpoint_engine.failures  # see install_engine
+    failures.clear()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    failed = [(rank, f) for rank, fs in enumerate(all_gather_object(list(failures))) for f in fs]
+
+    def finish() -> None:
+        if failed:
+            shutil.rmtree(path, ignore_errors=True)
+            free = shutil.disk_usage(root).free
+            last = complete_checkpoints(root)
+            raise StorageError(f"writing checkpoint {path} failed on {len({r for r, _ in failed})} rank(s) "
+                               f"({free / 1e9:.2f} GB free on that file system): rank {failed[0][0]}: "
+                               f"{failed[0][1]}. The partial directory was removed; the last complete checkpoint "
+                               f"{last[0] if last else '(none yet)'} is intact")
         tmp = path / f".{MARKER}.tmp"
-        tmp.write_text(json.dumps({"step": step, "time": time.time(), "world_size": world_size}))
+        tmp.write_text(json.dumps({"step": step, "time": time.time(), "world_size": info.world_size, **meta}))
         os.replace(tmp, path / MARKER)
-        complete = complete_checkpoints(root)
-        for old in complete[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
-        for partial in root.iterdir():
-            if _TAG.match(partial.name) and not (partial / MARKER).is_file() and partial.name < tag:
-                shutil.rmtree(partial, ignore_errors=True)
-    barrier()
+        _prune(root, keep, meta.get("lineage"), tag)
+
+    _on_main(finish, info)
     return path
 
 
-# What a damaged checkpoint file raises when torch/DeepSpeed read it.
-_READ_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError, AssertionError)
+def _prune(root: Path, keep: int, lineage: str | None, newest: str) -> None:
+    """Keep the ``keep`` newest complete checkpoints of ``lineage`` (the one just written among them); remove the
+    older ones and incomplete directories older than it. Checkpoints of other lineages are never touched."""
+    ours = [p for p in complete_checkpoints(root) if Marker.read(p).lineage == lineage]
+    for old in [p for p in ours if p.name != newest][max(0, keep - 1):]:
+        shutil.rmtree(old, ignore_errors=True)
+    for partial in _incomplete(root):
+        if partial.name < newest:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------- resuming
+
+
+def prepare_run_dir(run_dir: Path, spec: str, overwrite: bool, info: DistInfo) -> None:
+    """Before a run: refuse ``--resume none`` over existing checkpoints (or, with ``overwrite``, remove the old
+    run's outputs) and remove incomplete step directories. Rank 0 acts; every rank gets its error."""
+    root = run_dir / "checkpoints"
+
+    def prepare() -> None:
+        existing = complete_checkpoints(root)
+        if spec == "none" and existing:
+            if not overwrite:
+                raise ResumeError(
+                    f"--resume none: {run_dir} holds {len(existing)} complete checkpoint(s) (newest "
+                    f"{existing[0].name}); starting over there would lose them. Resume with --resume auto, use a "
+                    "new --run-dir, or add --overwrite to delete the old run's checkpoints, best weights and "
+                    "metrics first")
+            for name in RUN_OUTPUTS:
+                target = run_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+            log.warning("--overwrite: removed the old run's %s from %s", ", ".join(RUN_OUTPUTS), run_dir)
+        for partial in _incomplete(root):
+            log.warning("removing %s: an incomplete checkpoint (no %s; the save was interrupted)", partial, MARKER)
+            shutil.rmtree(partial, ignore_errors=True)
+
+    _on_main(prepare, info)
 
 
 def _candidates(spec: str, root: Path) -> list[Path]:
@@ -83,17 +295,79 @@ def _candidates(spec: str, root: Path) -> list[Path]:
                       "or a run directory holding checkpoints/)")
 
 
-def _load(engine, path: Path, world_size: int) -> dict | None:
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not k.endswith("_kwargs"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """``{key: (old, new)}`` for every config value that differs (lists and tuples compare equal)."""
+    a, b = _flat(json.loads(json.dumps(old, default=str))), _flat(json.loads(json.dumps(new, default=str)))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_compatible(marker: Marker, config: dict, zero_stage: int) -> None:
+    """Raise :class:`IncompatibleCheckpointError` if ``marker``'s run cannot continue as ``config``; warn about the
+    other differences (a longer schedule, a new lr: the run continues with the new values)."""
+    if marker.zero_stage is not None and marker.zero_stage != zero_stage:
+        raise IncompatibleCheckpointError(
+            f"{marker.path} was written under ZeRO stage {marker.zero_stage} and this job runs stage {zero_stage}; "
+            f"resume with a stage-{marker.zero_stage} ds_config (e.g. ds_configs/zero{marker.zero_stage}.json)")
+    if marker.config is None:
+        return
+    changes = config_changes(marker.config, config)
+    blocking = {k: v for k, v in changes.items() if k in INCOMPATIBLE_KEYS}
+    if blocking:
+        listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in blocking.items())
+        raise IncompatibleCheckpointError(
+            f"{marker.path} cannot continue with this config: {listed}. Use the checkpoint's values (drop the "
+            "--set), or start the new model in a new --run-dir")
+    changed = {k: v for k, v in changes.items() if k != "recipe"}
+    if changed:
+        log.warning("the config differs from %s's; continuing with the new values: %s", marker.path.name,
+                    "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:12]))
+
+
+# What a damaged file raises when torch reads it: the file could not be *read*, so an older checkpoint may be.
+_UNREADABLE = (OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError)
+_UNREADABLE_TEXT = ("PytorchStreamReader", "central directory", "iostream", "unexpected EOF", "file not found",
+                    "failed reading", "invalid header", "corrupt")
+
+
+def _classify(e: BaseException) -> str:
+    if isinstance(e, UnsafeFileError) or is_unsafe(e):
+        return "unsafe"
+    if isinstance(e, _UNREADABLE) or (isinstance(e, RuntimeError) and any(t in str(e) for t in _UNREADABLE_TEXT)):
+        return "unreadable"
+    return "incompatible"
+
+
+@dataclass
+class Resumed:
+    """A loaded checkpoint: where from, its marker, and its client state."""
+
+    path: Path
+    marker: Marker
+    client: dict
+
+
+def _load(engine, marker: Marker, world_size: int) -> dict | None:
     """Load one checkpoint. Written by another number of ranks, it loads the weights, EMA, schedule and step but
     not the optimizer state: ZeRO's optimizer partitions cannot be re-sharded, so SGD momentum / Adam moments
     restart (a warning says so)."""
-    written_by = json.loads((path / MARKER).read_text()).get("world_size", world_size)
-    elastic = written_by != world_size
+    elastic = marker.world_size is not None and marker.world_size != world_size
     if elastic:
         log.warning("checkpoint %s was written by %d ranks and this job has %d: resuming the weights, EMA, schedule "
-                    "and step; the optimizer state (momentum) restarts", path, written_by, world_size)
-    load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
-                                               load_optimizer_states=not elastic, load_lr_scheduler_states=True)
+                    "and step; the optimizer state (momentum) restarts", marker.path, marker.world_size, world_size)
+    with safe_loading():
+        load_path, client = engine.load_checkpoint(str(marker.path.parent), tag=marker.path.name,
+                                                   load_module_strict=True, load_optimizer_states=not elastic,
+                                                   load_lr_scheduler_states=True)
     if elastic and load_path is not None and hasattr(engine.optimizer, "refresh_fp32_params"):
         # where the ZeRO optimizer keeps its own fp32 copy (DeepSpeed's fp16/bf16 blocks), it must follow the
         # loaded weights; with torch_autocast's fp32 parameters this is a no-op
@@ -101,22 +375,71 @@ def _load(engine, path: Path, world_size: int) -> dict | None:
     return client if load_path is not None else None
 
 
-def resume(engine, spec: str, root: Path, world_size: int) -> dict | None:
-    """Load the checkpoint ``spec`` names (``auto``: the newest complete one under ``root``; ``none``: nothing)
-    into ``engine`` on every rank; return the client state, or None when starting fresh."""
+def _try_load(engine, marker: Marker, world_size: int) -> tuple[dict | None, tuple[str, str] | None]:
+    """(client state, None) or (None, (kind, message)) with kind unreadable / unsafe / incompatible."""
+    try:
+        client = _load(engine, marker, world_size)
+    except Exception as e:  # every rank must report, or the others wait in the next collective
+        kind = _classify(e)
+        if kind == "incompatible":
+            log.exception("loading %s failed", marker.path)
+        return None, (kind, str(e)[:600] if isinstance(e, CheckpointError) else f"{type(e).__name__}: {str(e)[:600]}")
+    if client is None:
+        return None, ("unreadable", "DeepSpeed found no model states to load")
+    return client, None
+
+
+def _refuse_newer(root: Path, marker: Marker) -> None:
+    newer = [p.name for p in complete_checkpoints(root) if step_of(p) > marker.step and p != marker.path]
+    if newer:
+        raise ResumeError(f"resuming from {marker.path} (step {marker.step}) would overwrite the newer checkpoints "
+                          f"{newer[:3]} in {root} as the run goes on; resume into a new --run-dir, or move them away")
+
+
+def resume(engine, spec: str, root: Path, info: DistInfo, config: dict, zero_stage: int) -> Resumed | None:
+    """Load the checkpoint ``spec`` names (``auto``: the newest readable complete one under ``root``; a path: a
+    checkpoint or run directory; ``none``: nothing) into ``engine`` on every rank, following the module's rules.
+    Returns None when there is nothing to resume (a fresh run)."""
     if spec == "none":
         return None
-    for path in _candidates(spec, root):
-        try:
-            client = _load(engine, path, world_size)
-            error = None if client is not None else "DeepSpeed found nothing to load"
-        except _READ_ERRORS as e:
-            client, error = None, f"{type(e).__name__}: {str(e)[:300]}"
-        errors = [e for e in all_gather_object(error) if e]
+    candidates = _candidates(spec, root)
+    skipped: list[str] = []
+    for path in candidates:
+        marker = Marker.read(path)
+        check_compatible(marker, config, zero_stage)
+        if spec != "auto":
+            _refuse_newer(root, marker)
+        client, error = _try_load(engine, marker, info.world_size)
+        errors = [(rank, e) for rank, e in enumerate(all_gather_object(error)) if e]
         if not errors:
             log.info("resumed from %s", path)
-            return client
-        log.warning("checkpoint %s is unusable (%s); trying the previous one", path, errors[0])
-    if spec != "auto":
-        raise ResumeError(f"--resume {spec!r}: no checkpoint there could be loaded (see the warnings above)")
+            return Resumed(path, marker, client)
+        kinds = {kind for _, (kind, _) in errors}
+        rank, (kind, message) = next((r, e) for r, e in errors if e[0] == max(kinds, key=_SEVERITY.index))
+        if kind == "unsafe":
+            raise UnsafeFileError(f"rank {rank}: {message}")
+        if kind == "incompatible":
+            raise IncompatibleCheckpointError(f"{path} does not fit this run (rank {rank}: {message}); use the "
+                                              "checkpoint's config, or start the new model in a new --run-dir")
+        skipped.append(f"{path.name} (rank {rank}: {message[:200]})")
+        log.warning("checkpoint %s cannot be read (rank %d: %s); trying the previous one", path, rank, message[:300])
+        if path.parent == root:
+            _on_main(lambda p=path: _set_aside(p), info)
+    if candidates:
+        raise ResumeError(f"none of the {len(candidates)} complete checkpoint(s) of --resume {spec!r} could be read: "
+                          f"{'; '.join(skipped[:3])}. They are kept as step...{UNREADABLE}. Nothing was trained; "
+                          "to start over in this directory: --resume none --overwrite")
     return None
+
+
+_SEVERITY = ("unreadable", "incompatible", "unsafe")
+
+
+def _set_aside(path: Path) -> None:
+    """Rename an unreadable checkpoint out of the way of the saves that will reuse its step number."""
+    target = path.with_name(f"{path.name}{UNREADABLE}")
+    n = 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}{UNREADABLE}.{n}"), n + 1
+    path.rename(target)
+    log.warning("kept the unreadable checkpoint as %s (delete it when you no longer need it)", target)

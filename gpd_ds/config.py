@@ -108,6 +108,8 @@ class RunConfig:
     eval_every_epochs: int = 1
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 3
+    # how often the ranks agree on a stop request (SIGTERM/SIGINT/SIGUSR1): one small CPU all-reduce, no GPU sync
+    stop_check_steps: int = 5
     max_steps: int | None = None  # stop early (smoke tests); the schedule still spans all epochs
     deterministic: bool = False
     max_nonfinite_steps: int = 0  # consecutive non-finite losses tolerated (fp16 overflow) before stopping
@@ -171,6 +173,9 @@ class TrainConfig:
             (d.workers >= 0, "data.workers", d.workers, "use 0 or more loader processes"),
             (r.log_every_steps >= 1, "run.log_every_steps", r.log_every_steps, "use >= 1"),
             (r.keep_checkpoints >= 1, "run.keep_checkpoints", r.keep_checkpoints, "use >= 1"),
+            (r.checkpoint_every_steps >= 1, "run.checkpoint_every_steps", r.checkpoint_every_steps, "use >= 1"),
+            (r.stop_check_steps >= 1, "run.stop_check_steps", r.stop_check_steps,
+             "use >= 1 (a stop request is honoured within that many optimizer steps)"),
             (self.track.wandb in ("auto", "online", "offline", "disabled"), "track.wandb", self.track.wandb,
              "use auto, online, offline or disabled"),
             (not (m.static_teacher_checkpoint and m.static_teacher_pretrained), "model.static_teacher_pretrained",

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import hashlib
 import os
 import random
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,6 +51,8 @@ def init() -> DistInfo:
     if "RANK" not in os.environ:  # plain `python launch/train.py` / `gpd-ds train`: a job of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        remove_stale_shm_buffers()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                    timeout=COLLECTIVE_TIMEOUT)
@@ -59,7 +64,30 @@ def init() -> DistInfo:
     else:
         accelerator.set_device(local_rank)
         device = torch.device(accelerator.device_name(local_rank))
+    _make_control_group()
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+_CONTROL_GROUP: list = []  # the CPU process group of small control messages (set by init)
+
+
+def _make_control_group() -> None:
+    """A gloo group for control messages (stop requests), so exchanging them never touches the GPU stream. Every
+    rank calls this at start-up (creating a group is a collective); a gloo job uses its default group."""
+    if _CONTROL_GROUP or dist.get_world_size() == 1:
+        return
+    default_is_gloo = torch.distributed.get_backend() == "gloo"
+    _CONTROL_GROUP.append(None if default_is_gloo else torch.distributed.new_group(backend="gloo"))
+
+
+def gather_codes(code: int) -> list[int]:
+    """Every rank's ``code`` (a small integer), indexed by rank, over the CPU control group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [code]
+    codes = torch.zeros(dist.get_world_size(), dtype=torch.int64)
+    codes[dist.get_rank()] = code
+    torch.distributed.all_reduce(codes, group=_CONTROL_GROUP[0] if _CONTROL_GROUP else None)
+    return codes.tolist()
 
 
 def _remove_shm_buffers(addr: str, port: str, rank: int) -> None:
@@ -67,6 +95,34 @@ def _remove_shm_buffers(addr: str, port: str, rank: int) -> None:
     and job; hundreds of jobs filled a 24 GB machine's RAM). Unlinking at exit is safe: mappings outlive names."""
     for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
         path.unlink(missing_ok=True)
+
+
+def _mapped_shm_files() -> set[str]:
+    """Every /dev/shm file some live process of this machine has mapped (from /proc/*/maps)."""
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # the process ended, or is not ours to read
+            continue
+        mapped.update(line.split(maxsplit=5)[-1] for line in text.splitlines() if "/dev/shm/" in line)
+    return mapped
+
+
+def remove_stale_shm_buffers(min_age_s: float = 30.0) -> list[Path]:
+    """Remove DeepSpeed CPU all-reduce buffers that no live process maps: what SIGKILLed jobs left behind (the
+    exit hook above never ran for them). Buffers younger than ``min_age_s`` are left alone: a job starting next
+    to this one may not have mapped its own yet."""
+    buffers = list(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    if not buffers:
+        return []
+    mapped, now, removed = _mapped_shm_files(), time.time(), []
+    for path in buffers:
+        with contextlib.suppress(OSError):  # another job's cleanup may race this one
+            if str(path) not in mapped and now - path.stat().st_mtime > min_age_s:
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def on_all_ranks(fn: Callable[[], T], what: str) -> T:
@@ -161,15 +217,30 @@ def seed_all(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors, numbers and strings only (checkpoints load weights-only)."""
+    version, keys, gauss = random.getstate()
+    kind, np_keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(keys), gauss],
+             "numpy": [kind, torch.from_numpy(np_keys.astype(np.int64)), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    kind, np_keys, *rest = state["numpy"]
+    if isinstance(np_keys, torch.Tensor):
+        np_keys = np_keys.numpy().astype(np.uint32)
+    np.random.set_state((kind, np_keys, *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_for_new_rank(seed: int, step: int, rank: int) -> int:
+    """The seed of rank ``rank`` resuming at ``step`` after a change of world size (elastic resume): a function of
+    the three, so every rank draws its own stream (mixup, drop path, erasing) and a rerun draws the same ones."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()[:8], "little") % 2**63

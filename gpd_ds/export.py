@@ -20,7 +20,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 from gpd_ds.checkpoint import complete_checkpoints
@@ -28,6 +29,8 @@ from gpd_ds.config import TrainConfig, from_dict
 from gpd_ds.errors import UserInputError
 from gpd_ds.gpd import check_equivalence, extract
 from gpd_ds.models import create_model
+from gpd_ds.models.build import build_model
+from gpd_ds.safeload import load_file, safe_loading
 
 SIDECAR_FORMAT = "gpd_ds-student-v1"
 
@@ -49,18 +52,17 @@ def run_weights(run_dir: Path, which: str) -> tuple[dict[str, torch.Tensor], dic
     if which == "best":
         best = run_dir / "best" / "model.safetensors"
         if best.is_file():
-            return load_file(str(best)), json.loads((run_dir / "best" / "best.json").read_text())
+            return load_safetensors(str(best)), json.loads((run_dir / "best" / "best.json").read_text())
         which = "last"  # no evaluation has run yet: nothing is "best"
     if which not in ("last", "last_ema"):
         raise ExportError(f"--weights {which!r} is unknown; use best, last or last_ema")
     found = complete_checkpoints(run_dir / "checkpoints")
     if not found:
         raise ExportError(f"{str(run_dir)!r} has no complete checkpoint and no best weights to export")
-    # our own checkpoint, written by DeepSpeed (it holds optimizer/RNG objects, hence weights_only=False)
     path = found[0] / "mp_rank_00_model_states.pt"
     if not path.is_file():  # ZeRO-3 writes one per rank; rank 0's holds the client state
         path = found[0] / "zero_pp_rank_0_mp_rank_00_model_states.pt"
-    states = torch.load(path, map_location="cpu", weights_only=False)
+    states = load_file(path)  # weights-only: a run directory from elsewhere is untrusted input
     client_step = states.get("step", states.get("global_steps"))
     if which == "last_ema":
         if not states.get("ema"):
@@ -71,14 +73,13 @@ def run_weights(run_dir: Path, which: str) -> tuple[dict[str, torch.Tensor], dic
         # ZeRO-3 saved partitioned parameters: consolidate them from every rank's fp32 optimizer partition
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        module = get_fp32_state_dict_from_zero_checkpoint(str(found[0].parent), tag=found[0].name)
+        with safe_loading():
+            module = get_fp32_state_dict_from_zero_checkpoint(str(found[0].parent), tag=found[0].name)
     return module, {"weights": "raw", "step": client_step}
 
 
 def rebuild(record: dict) -> tuple[TrainConfig, nn.Module]:
     """The run's trained module (GPD model or plain student), without weights."""
-    from gpd_ds.train import build_model
-
     cfg = from_dict(record["config"])
     cfg.model.student_checkpoint = None  # the weights come from the run, not from the fine-tuning start point
     return cfg, build_model(cfg, len(record["classes"]), noise=False)
@@ -133,5 +134,5 @@ def load_exported(path: Path) -> tuple[nn.Module, dict]:
         raise ExportError(f"{sidecar_path} is not a gpd_ds export sidecar")
     model = create_model(sidecar["model"], num_classes=sidecar["num_classes"], image_size=sidecar["input_size"][-1],
                          **sidecar.get("model_kwargs", {}))
-    model.load_state_dict(load_file(str(path)), strict=True)
+    model.load_state_dict(load_safetensors(str(path)), strict=True)
     return model.eval(), sidecar

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
-import json
+import logging
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +18,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after selecting the headless backend
 
 from gpd_ds.errors import UserInputError
+from gpd_ds.tracking import read_metrics
+
+log = logging.getLogger(__name__)
 
 MODELS = (("static_teacher", "static teacher", ":"), ("dynamic_teacher", "dynamic teacher", "--"),
           ("student", "student", "-"))
@@ -33,13 +36,12 @@ def load_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ReportError(f"{str(run_dir)!r} has no metrics.jsonl; pass run directories written by gpd-ds train")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ReportError(f"{path}:{number} is not JSON: {e}") from e
+    try:
+        rows, torn = read_metrics(path)
+    except ValueError as e:
+        raise ReportError(str(e)) from e
+    if torn:
+        log.warning("%s: the last line is incomplete (the run was killed while writing it); left out", path)
     return rows
 
 

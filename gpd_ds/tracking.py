@@ -6,6 +6,10 @@ cannot start, the run continues with ``metrics.jsonl`` only and a warning. The A
 config W&B receives, and nothing of ours writes it anywhere. The W&B run id is kept in the checkpoint, so a
 resumed run continues the same W&B run.
 
+Resuming keeps every step once (:func:`rewind_metrics`): ``metrics.jsonl`` is cut back to the resumed step (a
+torn last line from a kill mid-write is dropped), and W&B, which already holds the steps the killed run logged
+after its checkpoint, is sent only the steps beyond those (their values are the same in deterministic mode).
+
 Metric names (the same in both sinks):
 
 * every ``log_every_steps``: ``train/loss``, ``train/<term>`` for every GPDLoss term, ``train/lr``,
@@ -58,10 +62,44 @@ def eval_metrics(results: dict[str, dict[str, float]], start_dynamic_top1: float
     return out
 
 
+def read_metrics(path: Path) -> tuple[list[dict], bool]:
+    """The rows of a ``metrics.jsonl`` and whether its last line was torn (incomplete JSON, dropped). A bad line
+    anywhere else raises ``ValueError`` naming the line."""
+    lines = [(n, line) for n, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                return rows, True
+            raise ValueError(f"{path}:{number} is not JSON: {e}") from e
+    return rows, False
+
+
+def rewind_metrics(path: Path, step: int | None) -> int:
+    """Cut ``metrics.jsonl`` back to the rows of steps ``<= step`` (``None``: a fresh start, no rows), dropping a
+    torn last line; atomic. Returns the highest step it held before (-1 if none): the steps W&B already has."""
+    if not path.is_file():
+        return -1
+    rows, _ = read_metrics(path)
+    logged = max((r.get("step", -1) for r in rows), default=-1)
+    kept = [r for r in rows if step is not None and r.get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+    if len(kept) < len(rows):
+        log.info("%s: removed %d rows after step %s (they are redone from the checkpoint)", path,
+                 len(rows) - len(kept), step)
+    return logged
+
+
 class Tracker:
     def __init__(self, run_dir: Path, cfg: TrackConfig, config: dict[str, Any], enabled: bool,
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, wandb_has_through: int = -1) -> None:
+        """``wandb_has_through``: the last step the W&B run already holds (a resumed run skips up to it)."""
         self.enabled, self.cfg = enabled, cfg
+        self.wandb_has_through = wandb_has_through
         self.path = run_dir / "metrics.jsonl"
         self.start = time.time()
         self.run = None
@@ -103,13 +141,21 @@ class Tracker:
             f.write(json.dumps(record) + "\n")
         if any(k.startswith("eval/") for k in metrics):
             self.history.append(record)
-        if self.run is not None:
+        if self.run is not None and step > self.wandb_has_through:
             self.run.log({**metrics, "epoch": epoch, "samples": samples}, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
             for k, v in values.items():
                 self.run.summary[k] = v
+
+    def finish_preempted(self, exit_code: int) -> None:
+        """Close the W&B run as preempted (W&B shows it so, and the resumed run continues it)."""
+        if self.run is None:
+            return
+        self.run.mark_preempting()
+        self.run.finish(exit_code=exit_code)
+        self.run = None
 
     def finish(self, artifacts: dict[str, Path] | None = None) -> None:
         """Log the growth chart (the three accuracies and the two gaps against epoch) and, if configured, the

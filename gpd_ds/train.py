@@ -51,15 +51,14 @@ from gpd_ds.engine import (
 )
 from gpd_ds.errors import UserInputError
 from gpd_ds.evaluate import evaluate
-from gpd_ds.gpd import expand
 from gpd_ds.gpd.checkpointing import enable_activation_checkpointing
 from gpd_ds.losses import GPDLoss, LossOutput
-from gpd_ds.models import create_model
+from gpd_ds.models.build import build_model
 from gpd_ds.models.teacher import StaticTeacher, build_static_teacher
-from gpd_ds.models.weights import load_weights
+from gpd_ds.preemption import EXIT_PREEMPTED, Preempted, StopRequest, describe
 from gpd_ds.progress import Progress
 from gpd_ds.recipes import get_recipe
-from gpd_ds.tracking import Tracker, eval_metrics
+from gpd_ds.tracking import Tracker, eval_metrics, rewind_metrics
 
 log = logging.getLogger("gpd_ds")
 
@@ -116,30 +115,6 @@ def _data(cfg: TrainConfig, info: DistInfo) -> tuple[ShardList, ShardList]:
         raise ConfigError(f"the {cfg.data.train_split} and {cfg.data.val_split} splits of {root!r} have different "
                           "classes")
     return train, val
-
-
-def _build_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    m = cfg.model
-    student = create_model(m.student, num_classes=num_classes, image_size=cfg.data.image_size, **m.student_kwargs)
-    if m.student_checkpoint:
-        load_weights(student, m.student_checkpoint, f"student ({m.student})")
-    if m.distillation_token:
-        if not hasattr(student, "set_distilled_training"):
-            raise ConfigError(f"model.distillation_token=true needs a DeiT distilled student (e.g. "
-                              f"deit_tiny_distilled_patch16_224); {m.student!r} has no distillation token")
-        student.set_distilled_training(True)  # train mode returns (class, distillation) logits; eval averages
-    return student
-
-
-def build_model(cfg: TrainConfig, num_classes: int, noise: bool = True) -> nn.Module:
-    """The trained module: the GPD model (IR of the student) or, for ``method=plain``, the student itself."""
-    student = _build_student(cfg, num_classes)
-    if cfg.model.method == "plain":
-        return student
-    size = cfg.data.image_size
-    return expand(student, width_ratio=cfg.model.width_ratio, noise_std=cfg.model.noise_std if noise else 0.0,
-                  branches=cfg.model.branches, pretrained_student=cfg.scenario == "finetune",
-                  input_size=(3, size, size), verify=noise)
 
 
 def _eval_models(module: nn.Module, gpd: bool, prefix: str = "") -> dict[str, Callable]:
@@ -333,11 +308,16 @@ def _train_row(r: _Run, loss: LossOutput, elapsed: float, samples: int, data_wai
     return row
 
 
-def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: DistInfo) -> RunResult:
-    """Train ``cfg`` to the end (or ``run.max_steps``); checkpoints, evaluations and the export go to ``run_dir``."""
+def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: DistInfo, overwrite: bool = False,
+          stop: StopRequest | None = None) -> RunResult:
+    """Train ``cfg`` to the end (or ``run.max_steps``); checkpoints, evaluations and the export go to ``run_dir``.
+    ``resume``: auto, none or a path (see :mod:`gpd_ds.checkpoint` for the rules); ``stop``: the process's
+    installed stop request (raises :class:`Preempted` after saving when it fires)."""
     cfg.validate()
+    stop = stop or StopRequest()
     run_dir.mkdir(parents=True, exist_ok=True)
     distributed.check_shared_dir(run_dir, info)
+    checkpoint.prepare_run_dir(run_dir, resume, overwrite, info)
     distributed.seed_all(cfg.run.seed)
     if cfg.run.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -345,13 +325,17 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
         torch.backends.cudnn.benchmark = False
     r = _assemble(cfg, ds_config, info)
     engine, ema, spe, ckpt_root = r.engine, r.ema, r.steps_per_epoch, run_dir / "checkpoints"
+    checkpoint.install_engine(engine)
+    config = json.loads(json.dumps(cfg.to_dict(), default=str))
+    resumed = checkpoint.resume(engine, resume, ckpt_root, info, config, zero_stage(r.ds))
+    client = resumed.client if resumed is not None else None
     global_batch = r.ds["train_batch_size"]
-    record = {"config": cfg.to_dict(), "scenario": cfg.scenario, "ds_config": r.ds, "world_size": info.world_size,
+    record = {"config": config, "scenario": cfg.scenario, "ds_config": r.ds, "world_size": info.world_size,
               "device": str(info.device), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "classes": r.classes, "lr": r.lr, "steps_per_epoch": spe, "total_steps": r.total_steps,
               "resident_parameters_per_rank": distributed.all_gather_object(resident_parameters(engine.module)),
               "versions": _versions()}
-    if info.is_main:
+    if info.is_main:  # after the resume decision: a refused resume leaves the old run's record as it was
         (run_dir / "config.json").write_text(json.dumps(record, indent=1, default=str))
         log.info("run %s: recipe %s, scenario %s, %s on %d x %s, global batch %d (%d x %d ranks x %d), lr %.4g, "
                  "%d steps/epoch x %d epochs", run_dir, cfg.recipe, cfg.scenario, cfg.model.method,
@@ -360,18 +344,19 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
 
     # state that outlives a restart, besides the engine's: kept in the checkpoint's client state
     kept: dict = {"best": {}, "static_teacher": None, "start_dynamic_top1": None, "wandb_run_id": None}
-    client = checkpoint.resume(engine, resume, ckpt_root, info.world_size)
+    lineage = distributed.broadcast_object(checkpoint.new_lineage())
     if client is not None:
-        rank_state = client["ranks"][info.rank] if len(client["ranks"]) == info.world_size else client["ranks"][0]
-        r.loader.load_state_dict(rank_state["data"])
-        distributed.set_rng_state(rank_state["rng"])
+        lineage = client.get("lineage", resumed.marker.lineage)
+        _restore_rank_state(client, r.loader, cfg.run.seed, engine.global_steps, info)
         if ema is not None:
             ema.load_state_dict(client["ema"])
         kept.update(client["kept"])
         kept["best"] = _best_on_disk(run_dir, engine.global_steps, kept["best"])
-        if client.get("config_digest") != cfg.digest():
-            log.warning("the config differs from the checkpoint's; continuing with the new one")
-    tracker = Tracker(run_dir, cfg.track, record, info.is_main, kept["wandb_run_id"])
+    meta = {"lineage": lineage, "zero_stage": zero_stage(r.ds), "config": config}
+    wandb_has = -1
+    if info.is_main:
+        wandb_has = rewind_metrics(run_dir / "metrics.jsonl", engine.global_steps if client is not None else None)
+    tracker = Tracker(run_dir, cfg.track, record, info.is_main, kept["wandb_run_id"], wandb_has)
     kept["wandb_run_id"] = distributed.broadcast_object(tracker.run_id)
     distributed.barrier()  # every rank waits for rank 0's (time-limited) W&B start, then all go on together
 
@@ -381,9 +366,31 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
             distributed.average_running_stats(ema.module)
         ranks = distributed.all_gather_object({"data": r.loader.state_dict(), "rng": distributed.rng_state()})
         return {"ranks": ranks, "ema": ema.state_dict() if ema is not None else None, "kept": kept,
-                "config_digest": cfg.digest(), "step": step, "epoch": step / spe,
+                "lineage": lineage, "config_digest": cfg.digest(), "step": step, "epoch": step / spe,
                 # lets DeepSpeed's ds_to_universal convert the checkpoint for another number of ranks
                 UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+
+    saved_at = engine.global_steps if client is not None else -1
+
+    def save(step: int) -> Path:
+        nonlocal saved_at
+        watch.check(ckpt_root)
+        path = checkpoint.save(engine, ckpt_root, step, client_state(step), cfg.run.keep_checkpoints, info, meta)
+        saved_at = step
+        return path
+
+    def stop_if_requested(step: int) -> None:
+        """All ranks, at the same step: if any rank was asked to stop, save here (unless just saved) and stop."""
+        codes = distributed.gather_codes(stop.local_code())
+        if not any(codes):
+            return
+        path = save(step) if saved_at != step else ckpt_root / checkpoint.tag_for(step)
+        reason = describe(codes)
+        if info.is_main:
+            log.warning("stopped at step %d on request (%s): checkpoint %s holds every step so far; run the same "
+                        "command to resume (exit code %d)", step, reason, path, EXIT_PREEMPTED)
+        tracker.finish_preempted(EXIT_PREEMPTED)
+        raise Preempted(step, path, reason)
 
     def log_eval(results: dict, step: int) -> None:
         if "static_teacher" in results:
@@ -432,9 +439,9 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
                 # before any evaluation at this step: evaluating draws from the RNG (DataLoader seeds), and a
                 # resumed run must continue from exactly the state an uninterrupted run has here
                 if step % cfg.run.checkpoint_every_steps == 0 or step >= r.end_step:
-                    watch.check(ckpt_root)
-                    checkpoint.save(engine, ckpt_root, step, client_state(step), cfg.run.keep_checkpoints,
-                                    info.is_main, info.world_size)
+                    save(step)
+                if step % cfg.run.stop_check_steps == 0 and step < r.end_step:
+                    stop_if_requested(step)
                 if step >= epoch_end:
                     break
             if step >= r.end_step or (step == epoch_end and (step // spe) % cfg.run.eval_every_epochs == 0):
@@ -454,6 +461,22 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
     tracker.finish({"student": Path(result.export)} if result.export else None)
     distributed.barrier()
     return result
+
+
+def _restore_rank_state(client: dict, loader, seed: int, step: int, info: DistInfo) -> None:
+    """This rank's data position and RNG from the client state. After a change of world size (elastic resume)
+    every rank takes rank 0's data position (the loader re-splits it approximately) and a fresh RNG seeded from
+    (run seed, step, rank) (:func:`gpd_ds.distributed.seed_for_new_rank`), so ranks do not draw alike."""
+    ranks = client["ranks"]
+    if len(ranks) == info.world_size:
+        loader.load_state_dict(ranks[info.rank]["data"])
+        distributed.set_rng_state(ranks[info.rank]["rng"])
+        return
+    loader.load_state_dict(ranks[0]["data"])
+    distributed.seed_all(distributed.seed_for_new_rank(seed, step, info.rank))
+    if info.is_main:
+        log.info("the checkpoint was written by %d ranks: each of the %d ranks now draws from a new RNG seeded from "
+                 "(run.seed, step %d, rank)", len(ranks), info.world_size, step)
 
 
 def _best_on_disk(run_dir: Path, step: int, best: dict) -> dict:
@@ -498,7 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config value, e.g. --set data.root=/data/in1k-wds --set optim.epochs=90")
     parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<recipe>-<time>)")
     parser.add_argument("--resume", default="auto", help="auto (newest good checkpoint in the run dir), a "
-                        "checkpoint or run directory, or none")
+                        "checkpoint or run directory, or none (refused where checkpoints exist, see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="with --resume none: delete the run directory's "
+                        "old checkpoints, best weights and metrics.jsonl, then start from step 0")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     deepspeed.add_config_arguments(parser)
@@ -530,7 +555,7 @@ def _run_dir(args: argparse.Namespace, cfg: TrainConfig) -> Path:
     return Path("runs") / f"{cfg.recipe}-{stamp}"
 
 
-def _demo_teacher(ds_config: dict, run_dir: Path, info: DistInfo, overrides: list[str]) -> str:
+def _demo_teacher(ds_config: dict, run_dir: Path, info: DistInfo, overrides: list[str], stop: StopRequest) -> str:
     """The demo's static teacher: trained once by the framework itself (no GPD), cached as a plain student."""
     teacher_cfg = get_recipe("demo_teacher")
     apply_overrides(teacher_cfg, [o for o in overrides if o.startswith(("data.", "run.seed"))])
@@ -538,7 +563,7 @@ def _demo_teacher(ds_config: dict, run_dir: Path, info: DistInfo, overrides: lis
     if not path.is_file():
         if info.is_main:
             log.info("training the demo's static teacher (%s, once; cached at %s)", teacher_cfg.model.student, path)
-        result = train(teacher_cfg, ds_config, run_dir / "static_teacher", "auto", info)
+        result = train(teacher_cfg, ds_config, run_dir / "static_teacher", "auto", info, stop=stop)
         if info.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
@@ -574,26 +599,44 @@ def _print_summary(result: RunResult, cfg: TrainConfig) -> None:
               "model.static_teacher_checkpoint=resnet34.safetensors")
 
 
+def _writable_run_dir(run_dir: Path) -> None:
+    """Create ``run_dir`` and prove it takes files, before any work."""
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--run-dir {str(run_dir)!r} cannot be written ({e.strerror or e}); choose a writable "
+                          "directory (on a file system every node mounts, for multi-node jobs)") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    stop = StopRequest().install()  # first: a SIGTERM during start-up must not kill the rank either
     try:
         cfg = apply_overrides(get_recipe(args.recipe), args.overrides).validate()
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=1, default=str))
             return 0
+        if args.overwrite and args.resume != "none":
+            raise ConfigError(f"--overwrite deletes the run directory's checkpoints and only goes with --resume none "
+                              f"(this command has --resume {args.resume})")
         if cfg.data.root is None and cfg.recipe not in ("demo", "demo_teacher"):
             raise ConfigError(f"recipe {cfg.recipe!r} needs data: --set data.root=/path/to/shards (write them with "
                               "`gpd-ds make-shards`); only the demo recipes run on the built-in demo data")
         ds_config = load_ds_config(args.deepspeed_config)
         info = distributed.init()
         run_dir = _run_dir(args, cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        _writable_run_dir(run_dir)
         _setup_logging(run_dir, info.rank)
         demo_needs_teacher = (cfg.recipe == "demo" and cfg.data.root is None and cfg.model.static_teacher
                               and not cfg.model.static_teacher_checkpoint and not cfg.model.static_teacher_pretrained)
         if demo_needs_teacher:
-            cfg.model.static_teacher_checkpoint = _demo_teacher(ds_config, run_dir, info, args.overrides)
-        result = train(cfg, ds_config, run_dir, args.resume, info)
+            cfg.model.static_teacher_checkpoint = _demo_teacher(ds_config, run_dir, info, args.overrides, stop)
+        result = train(cfg, ds_config, run_dir, args.resume, info, args.overwrite, stop)
+    except Preempted:
+        return EXIT_PREEMPTED
     except UserInputError as e:
         print(f"gpd-ds train: error: {e}", file=sys.stderr)
         return 2

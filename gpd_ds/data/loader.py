@@ -48,6 +48,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from gpd_ds.data.shards import INDEX_NAME
 from gpd_ds.errors import UserInputError
+from gpd_ds.preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +367,8 @@ class TrainLoader:
         if self.batch >= len(self):
             return
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=self.prefetch_factor if self.num_workers else None)
+                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                            worker_init_fn=ignore_stop_signals)
         for batch in loader:
             self.positions[batch.worker] = batch.position
             self.bad[batch.worker] = batch.bad_samples
@@ -438,4 +440,5 @@ def eval_loader(shards: ShardList, *, batch_size: int, rank: int, world_size: in
     """A DataLoader over ``shards`` that reads every sample exactly once across ranks and workers."""
     dataset = EvalShards(shards, batch_size=batch_size, rank=rank, world_size=world_size, transform=transform,
                          max_bad_fraction=max_bad_fraction, min_samples_for_rate=min_samples_for_rate)
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      worker_init_fn=ignore_stop_signals)

@@ -37,6 +37,7 @@ from gpd_ds.data.loader import (
     decode,
     iter_shard,
 )
+from gpd_ds.preemption import ignore_stop_signals
 from gpd_ds.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def load_split(shards: ShardList, *, workers: int, max_gb: float, max_bad_fracti
     counter = _BadCounter(max_bad_fraction, 0, "the in-memory loader")
     num_classes = len(shards.classes)
     with (Progress(shards.num_samples, "decoding into memory", unit="img", enabled=show_progress) as bar,
-          ProcessPoolExecutor(max(1, workers)) as pool):
+          ProcessPoolExecutor(max(1, workers), initializer=ignore_stop_signals) as pool):
         decoded = pool.map(_decode_shard, shards.urls, [num_classes] * len(shards.urls))
         for url, (imgs, labs, bad) in zip(shards.urls, decoded, strict=True):
             counter.seen += len(imgs)  # the shard's good samples count before its bad ones are judged
@@ -136,7 +137,8 @@ class MemoryTrainLoader:
             return
         batches = _EpochBatches(self, self._order())
         loader = DataLoader(batches, batch_size=None, sampler=range(self.batch, len(self)),
-                            num_workers=self.num_workers, prefetch_factor=4 if self.num_workers else None)
+                            num_workers=self.num_workers, prefetch_factor=4 if self.num_workers else None,
+                            worker_init_fn=ignore_stop_signals)
         for batch in loader:
             self.batch += 1
             yield batch

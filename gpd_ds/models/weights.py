@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from gpd_ds.errors import UserInputError
+from gpd_ds.safeload import UnsafeFileError
+from gpd_ds.safeload import load_file as load_torch_file
 
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
 
@@ -18,16 +20,15 @@ class WeightsError(UserInputError, ValueError):
 
 
 def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a torch file (read with ``weights_only=True``); common wrappers
+    """A state dict from ``.safetensors`` or a torch file (weights-only: :mod:`gpd_ds.safeload`); common wrappers
     (``state_dict``, ``model``, ``module``) and a DDP ``module.`` prefix are removed."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{what} weights file {str(path)!r} does not exist")
     try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_file(str(path)) if path.suffix == ".safetensors" else load_torch_file(path)
+    except UnsafeFileError as e:
+        raise WeightsError(f"{what} weights: {e}") from None
     except Exception as e:  # a corrupt or foreign file: say which, keep the cause
         raise WeightsError(f"cannot read {what} weights {str(path)!r}: {type(e).__name__}: {e}") from e
     while isinstance(state, dict) and len(state) <= 4 and any(k in state for k in _WRAPPER_KEYS):
