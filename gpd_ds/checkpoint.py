@@ -47,7 +47,7 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 
 from gpd_ds.distributed import DistInfo, all_gather_object, broadcast_object
 from gpd_ds.errors import UserInputError
-from gpd_ds.safeload import UnsafeFileError, is_unsafe, load_file, safe_loading
+from gpd_ds.safeload import UnsafeFileError, is_unsafe, load_file, safe_loading, scan_file
 
 log = logging.getLogger(__name__)
 
@@ -375,10 +375,25 @@ def _load(engine, marker: Marker, world_size: int) -> dict | None:
     return client if load_path is not None else None
 
 
-def _try_load(engine, marker: Marker, world_size: int) -> tuple[dict | None, tuple[str, str] | None]:
+def _scan(path: Path, info: DistInfo) -> tuple[str, str] | None:
+    """Every rank scans its share of the checkpoint's files (their pickles only, not the tensors): an unsafe or
+    damaged file is found on every rank before any rank enters DeepSpeed's loading collectives."""
+    files = sorted(path.glob("*.pt"))[info.rank::info.world_size]
+    for f in files:
+        try:
+            scan_file(f)
+        except Exception as e:  # reported, never swallowed: the caller raises or skips the checkpoint with it
+            return _classify(e), str(e)[:600] if isinstance(e, CheckpointError) else f"{f}: {type(e).__name__}: {e}"
+    return None
+
+
+def _try_load(engine, marker: Marker, info: DistInfo) -> tuple[dict | None, tuple[str, str] | None]:
     """(client state, None) or (None, (kind, message)) with kind unreadable / unsafe / incompatible."""
+    problems = [p for p in all_gather_object(_scan(marker.path, info)) if p]
+    if problems:
+        return None, max(problems, key=lambda p: _SEVERITY.index(p[0]))
     try:
-        client = _load(engine, marker, world_size)
+        client = _load(engine, marker, info.world_size)
     except Exception as e:  # every rank must report, or the others wait in the next collective
         kind = _classify(e)
         if kind == "incompatible":
@@ -409,7 +424,7 @@ def resume(engine, spec: str, root: Path, info: DistInfo, config: dict, zero_sta
         check_compatible(marker, config, zero_stage)
         if spec != "auto":
             _refuse_newer(root, marker)
-        client, error = _try_load(engine, marker, info.world_size)
+        client, error = _try_load(engine, marker, info)
         errors = [(rank, e) for rank, e in enumerate(all_gather_object(error)) if e]
         if not errors:
             log.info("resumed from %s", path)

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
@@ -30,7 +31,7 @@ from gpd_ds.errors import UserInputError
 from gpd_ds.gpd import check_equivalence, extract
 from gpd_ds.models import create_model
 from gpd_ds.models.build import build_model
-from gpd_ds.safeload import load_file, safe_loading
+from gpd_ds.safeload import load_file, safe_loading, scan_file
 
 SIDECAR_FORMAT = "gpd_ds-student-v1"
 
@@ -46,13 +47,21 @@ def run_record(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_safetensors(str(path))
+    except SafetensorError as e:
+        raise ExportError(f"{path} is not a safetensors file ({e}); it was not loaded. Export it again from its run "
+                          "directory") from None
+
+
 def run_weights(run_dir: Path, which: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(GPD model state dict, metadata) of ``best``, ``last`` or ``last_ema``."""
     run_dir = Path(run_dir)
     if which == "best":
         best = run_dir / "best" / "model.safetensors"
         if best.is_file():
-            return load_safetensors(str(best)), json.loads((run_dir / "best" / "best.json").read_text())
+            return read_safetensors(best), json.loads((run_dir / "best" / "best.json").read_text())
         which = "last"  # no evaluation has run yet: nothing is "best"
     if which not in ("last", "last_ema"):
         raise ExportError(f"--weights {which!r} is unknown; use best, last or last_ema")
@@ -73,6 +82,8 @@ def run_weights(run_dir: Path, which: str) -> tuple[dict[str, torch.Tensor], dic
         # ZeRO-3 saved partitioned parameters: consolidate them from every rank's fp32 optimizer partition
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        for shard in sorted(found[0].glob("*.pt")):
+            scan_file(shard)  # names the file; the load below is weights-only too
         with safe_loading():
             module = get_fp32_state_dict_from_zero_checkpoint(str(found[0].parent), tag=found[0].name)
     return module, {"weights": "raw", "step": client_step}
@@ -134,5 +145,5 @@ def load_exported(path: Path) -> tuple[nn.Module, dict]:
         raise ExportError(f"{sidecar_path} is not a gpd_ds export sidecar")
     model = create_model(sidecar["model"], num_classes=sidecar["num_classes"], image_size=sidecar["input_size"][-1],
                          **sidecar.get("model_kwargs", {}))
-    model.load_state_dict(load_safetensors(str(path)), strict=True)
+    model.load_state_dict(read_safetensors(path), strict=True)
     return model.eval(), sidecar

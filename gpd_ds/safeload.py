@@ -75,6 +75,19 @@ def unsafe_error(path: str | Path, e: BaseException) -> UnsafeFileError:
         "was run. Use a file written by gpd_ds, or convert foreign weights to .safetensors")
 
 
+def scan_file(path: str | Path) -> None:
+    """Read only the pickle of a torch file (not its tensors) and raise :class:`UnsafeFileError` if it names a
+    global outside the allow-list; a damaged file raises what torch raises. Cheap: run it before a load that
+    other ranks take part in, so an unsafe file is refused before any rank starts loading."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return  # not torch's zip format (legacy serialization): only the weights-only load guards it
+    with safe_loading():
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    if unsafe:
+        raise unsafe_error(path, pickle.UnpicklingError(f"GLOBAL {sorted(unsafe)[0]}"))
+
+
 def load_file(path: str | Path, map_location: Any = "cpu") -> Any:
     """``torch.load`` of one file, weights-only; an unsafe file raises :class:`UnsafeFileError`."""
     try:
