@@ -170,6 +170,14 @@ def _incomplete(root: Path) -> list[Path]:
     return [p for p in root.iterdir() if _TAG.match(p.name) and not (p / MARKER).is_file()]
 
 
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -204,8 +212,8 @@ def _check_before_save(root: Path, tag: str) -> None:
     last = _size(previous[0])
     free = shutil.disk_usage(root).free
     if free < last * SPACE_MARGIN:
-        raise StorageError(f"not enough space to save checkpoint {path}: {free / 1e9:.2f} GB free on that file "
-                           f"system, and the last checkpoint ({previous[0].name}) took {last / 1e9:.2f} GB; free "
+        raise StorageError(f"not enough space to save checkpoint {path}: {human_bytes(free)} free on that file "
+                           f"system, and the last checkpoint ({previous[0].name}) took {human_bytes(last)}; free "
                            f"space there (or lower run.keep_checkpoints); {previous[0]} is intact")
 
 
@@ -223,13 +231,16 @@ def save(engine, root: Path, step: int, client_state: dict, keep: int, info: Dis
 
     def finish() -> None:
         if failed:
+            partial = _size(path) if path.is_dir() else 0
             shutil.rmtree(path, ignore_errors=True)
             free = shutil.disk_usage(root).free
             last = complete_checkpoints(root)
-            raise StorageError(f"writing checkpoint {path} failed on {len({r for r, _ in failed})} rank(s) "
-                               f"({free / 1e9:.2f} GB free on that file system): rank {failed[0][0]}: "
-                               f"{failed[0][1]}. The partial directory was removed; the last complete checkpoint "
-                               f"{last[0] if last else '(none yet)'} is intact")
+            raise StorageError(
+                f"writing checkpoint {path} failed on {len({r for r, _ in failed})} rank(s) (rank {failed[0][0]}: "
+                f"{failed[0][1]}). With the {human_bytes(partial)} partial checkpoint removed, {human_bytes(free)} "
+                "are free on that file system: it is probably full (or failing); free space there or move --run-dir. "
+                + (f"The last complete checkpoint {last[0]} is intact" if last else "This was the run's first "
+                   "checkpoint: no earlier one was lost"))
         tmp = path / f".{MARKER}.tmp"
         tmp.write_text(json.dumps({"step": step, "time": time.time(), "world_size": info.world_size, **meta}))
         os.replace(tmp, path / MARKER)
