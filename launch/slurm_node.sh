@@ -27,4 +27,10 @@ done
 export HOSTFILE="$hostfile" NODE_RANK="$SLURM_NODEID" GPUS="$gpus"
 export MASTER_ADDR="${MASTER_ADDR:-${hosts[0]}}"
 export MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-9500} % 10000))}"
+# SLURM signals every process of the step. Left at their defaults, SIGUSR1 and SIGTERM would kill the deepspeed
+# runner (this task's main process), and SLURM would then SIGKILL the ranks mid-save. Ignored signals stay ignored
+# across exec: the runner ignores both, DeepSpeed's per-node launcher ignores SIGUSR1 (SIGTERM it forwards to the
+# ranks, then SIGKILLs them after 30 s), and the ranks install their own handlers (gpd_ds.preemption): they stop
+# at an agreed step with a checkpoint and exit 75.
+trap '' USR1 TERM
 exec bash "$here/per_node.sh" "$@"

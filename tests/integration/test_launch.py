@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.integration.launch_helpers import REPO, env, free_port, small_data, train_losses
@@ -156,3 +160,57 @@ def test_unshared_run_dir_and_missing_data_on_one_node_fail_on_every_node(worksp
     results = _two_nodes(starts)
     assert all(code != 0 for code, _ in results)
     assert all("finding the data failed on 1 of 2 ranks: rank 1" in out for _, out in results)
+
+
+def _fake_slurm_tools(bin_dir: Path, log: Path) -> None:
+    """`srun` that runs its command here (one task: node 0) and `scontrol` that records what it was asked."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\n"$@"\n')
+    (bin_dir / "scontrol").write_text(
+        '#!/usr/bin/env bash\nif [ "$1 $2" = "show hostnames" ]; then tr , "\\n" <<< "$3"; exit 0; fi\n'
+        f'echo "scontrol $*" >> {log}\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+
+
+def _step_processes(batch: psutil.Process) -> list[psutil.Process]:
+    """What SLURM's --signal reaches: every process of the job step's tasks (below srun, not srun itself)."""
+    srun = next(p for p in batch.children() if "srun" in " ".join(p.cmdline()))
+    return srun.children(recursive=True)
+
+
+@pytest.mark.slow
+def test_slurm_job_saves_on_sigusr1_requeues_and_resumes(workspace: Path) -> None:
+    """slurm.sbatch with a stand-in srun/scontrol, 1 node x 2 ranks: SIGUSR1 to every process of the step (what
+    `#SBATCH --signal=USR1@600` does) -> a checkpoint at that step, exit 75, `scontrol requeue`; the requeued job
+    resumes there and finishes with every step logged once."""
+    run, calls = workspace / "slurm-preempted", workspace / "scontrol.log"
+    _fake_slurm_tools(workspace / "fake-slurm", calls)
+    e = _env(workspace, SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1", SLURM_GPUS_ON_NODE="2",
+             SLURM_NODEID="0", SLURM_JOB_ID=str(free_port()), TMPDIR=str(workspace), SLURM_SUBMIT_DIR=str(REPO))
+    e["PATH"] = f"{workspace / 'fake-slurm'}{os.pathsep}{e['PATH']}"
+    args = ["--run-dir", str(run), "--data", str(workspace / "data"), "--", *TINY, "--set", "optim.epochs=6",
+            "--set", "run.stop_check_steps=1", "--set", "run.checkpoint_every_steps=1000"]
+    batch = subprocess.Popen(["bash", str(REPO / "launch" / "slurm.sbatch"), *args], env=e, cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (run / "metrics.jsonl").is_file() or len(train_losses(run)) < 3:
+        assert batch.poll() is None, batch.stdout.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    for p in _step_processes(psutil.Process(batch.pid)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGUSR1)
+    out = batch.communicate(timeout=300)[0]
+    assert batch.returncode == 75, out[-3000:]
+    assert "requeueing job" in out
+    assert calls.read_text().split() == ["scontrol", "requeue", e["SLURM_JOB_ID"]]
+    stopped = int((run / "logs" / "rank0.log").read_text().split("stopped at step ")[1].split()[0])
+    assert (run / "checkpoints" / f"step{stopped:09d}" / "gpd_complete.json").is_file()
+
+    again = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), *args], env=e, cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resumed from {run}/checkpoints/step{stopped:09d}" in (run / "logs" / "rank0.log").read_text()
+    assert [s for s, _ in train_losses(run)] == list(range(1, 61))
+    assert calls.read_text().count("requeue") == 1
