@@ -250,10 +250,17 @@ def save(engine, root: Path, step: int, client_state: dict, keep: int, info: Dis
     return path
 
 
+def _lineage(path: Path) -> str | None:
+    try:
+        return Marker.read(path).lineage
+    except ResumeError:  # a damaged marker: not known to be ours, so never pruned
+        return "?"
+
+
 def _prune(root: Path, keep: int, lineage: str | None, newest: str) -> None:
     """Keep the ``keep`` newest complete checkpoints of ``lineage`` (the one just written among them); remove the
     older ones and incomplete directories older than it. Checkpoints of other lineages are never touched."""
-    ours = [p for p in complete_checkpoints(root) if Marker.read(p).lineage == lineage]
+    ours = [p for p in complete_checkpoints(root) if _lineage(p) == lineage]
     for old in [p for p in ours if p.name != newest][max(0, keep - 1):]:
         shutil.rmtree(old, ignore_errors=True)
     for partial in _incomplete(root):

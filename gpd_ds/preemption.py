@@ -72,11 +72,14 @@ class StopRequest:
         return self
 
     def _on_signal(self, signum: int, _frame) -> None:
-        # no logging here: a handler may interrupt a thread that holds the logging lock
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: the user wants out now
         if self.signum is None:
             self.signum = signum
+            if os.environ.get("RANK", "0") == "0":  # os.write, not logging: the handler may interrupt a log call
+                os.write(2, f"gpd_ds: {signal.Signals(signum).name} received: saving a checkpoint within "
+                            "run.stop_check_steps steps, then stopping (Ctrl-C again: stop now, without it)\n"
+                            .encode())
 
     def local_code(self) -> int:
         """0 (no request), a signal number, or the runner-gone code."""

@@ -82,7 +82,11 @@ def rewind_metrics(path: Path, step: int | None) -> int:
     torn last line; atomic. Returns the highest step it held before (-1 if none): the steps W&B already has."""
     if not path.is_file():
         return -1
-    rows, _ = read_metrics(path)
+    try:
+        rows, _ = read_metrics(path)
+    except ValueError as e:  # a damaged line inside: keep every readable row rather than stop the resume
+        log.warning("%s; keeping its readable rows", e)
+        rows = [json.loads(line) for line in path.read_text().splitlines() if _is_json(line)]
     logged = max((r.get("step", -1) for r in rows), default=-1)
     kept = [r for r in rows if step is not None and r.get("step", 0) <= step]
     tmp = path.with_name(f".{path.name}.tmp")
@@ -92,6 +96,14 @@ def rewind_metrics(path: Path, step: int | None) -> int:
         log.info("%s: removed %d rows after step %s (they are redone from the checkpoint)", path,
                  len(rows) - len(kept), step)
     return logged
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return bool(line.strip())
 
 
 class Tracker:

@@ -370,7 +370,7 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
                 # lets DeepSpeed's ds_to_universal convert the checkpoint for another number of ranks
                 UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 
-    saved_at = engine.global_steps if client is not None else -1
+    saved_at = engine.global_steps if resumed is not None and resumed.path.parent == ckpt_root else -1
 
     def save(step: int) -> Path:
         nonlocal saved_at

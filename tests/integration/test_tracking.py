@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,11 +49,17 @@ def _files_containing(root: Path, needle: str) -> list[Path]:
 def test_offline_wandb_run_metrics_config_and_resume_reuses_the_run(workspace: Path) -> None:
     run = workspace / "offline"
     check(_run(workspace, run, {}, "--set", "run.max_steps=12"))  # no key, no WANDB_MODE: offline
+    # as if killed after logging steps 11-12 but before their checkpoint: the resume redoes them from step 10
+    shutil.rmtree(run / "checkpoints" / "step000000012")
     check(_run(workspace, run, {}))  # resume to the end
     files = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 2
     first, second = read_run(files[0]), read_run(files[1])
     assert first["run_id"] == second["run_id"]  # the resumed run continues the same W&B run
+    assert first["train_steps"] == list(range(1, 13))
+    assert second["train_steps"] == list(range(13, 21))  # W&B has 11-12 already: each step once
+    assert [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in r] == list(range(1, 21))
     keys = first["history_keys"] | second["history_keys"]
     assert keys >= TRAIN_NAMES
     assert keys >= EVAL_NAMES

@@ -227,6 +227,7 @@ def test_elastic_resume_on_fewer_ranks_keeps_the_weights(workspace: Path) -> Non
     check(launch(workspace, 1, [*args, "--set", "run.max_steps=7", "--set", "optim.lr=1e-12"]))
     log = (run / "logs" / "rank0.log").read_text()
     assert "was written by 2 ranks and this job has 1" in log
+    assert "now draws from a new RNG seeded from (run.seed, step 6, rank)" in log  # not rank 0's copy
     ckpt = run / "checkpoints"
     before = torch.load(ckpt / "step000000006" / "mp_rank_00_model_states.pt", weights_only=False)
     after = torch.load(ckpt / "step000000007" / "mp_rank_00_model_states.pt", weights_only=False)

@@ -46,8 +46,11 @@ def test_zero3_steps_match_zero2_with_half_the_resident_parameters(workspace: Pa
     z2, z3 = _run(workspace, student, 2, "zero2"), _run(workspace, student, 3, "zero3")
     l2, l3 = train_losses(z2), train_losses(z3)
     assert [s for s, _ in l2] == [s for s, _ in l3] == list(range(1, 21))
-    torch.testing.assert_close(torch.tensor([v for _, v in l3]), torch.tensor([v for _, v in l2]),
-                               rtol=1e-4, atol=1e-4)
+    # ZeRO-3 reduce-scatters where ZeRO-2 all-reduces: fp32 sums in another order. The first epoch agrees to
+    # ~1e-6; this tiny, noisy run amplifies the rounding differences to ~6e-4 of the loss by step 20 (AMD EPYC)
+    loss2, loss3 = torch.tensor([v for _, v in l2]), torch.tensor([v for _, v in l3])
+    torch.testing.assert_close(loss3[:10], loss2[:10], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss3, loss2, rtol=2e-3, atol=2e-3)
     resident = {stage: json.loads((run / "config.json").read_text())["resident_parameters_per_rank"]
                 for stage, run in ((2, z2), (3, z3))}
     for rank in range(2):
@@ -60,27 +63,32 @@ def test_zero3_steps_match_zero2_with_half_the_resident_parameters(workspace: Pa
 
 @pytest.mark.slow
 def test_zero3_resume_and_export_give_the_zero2_student(workspace: Path) -> None:
-    """Stop a ZeRO-3 run at step 10 (a checkpoint), resume it to step 20: the exported student and the last
-    checkpoint's consolidated weights equal the uninterrupted ZeRO-2 run's."""
-    reference = workspace / "cnn-zero2"
+    """Stop a ZeRO-3 run at step 10 (a checkpoint), resume it to step 20: the steps, the exported student and the
+    last checkpoint's consolidated weights equal the uninterrupted ZeRO-3 run's, and the ZeRO-2 run's to fp32
+    reduction-order noise."""
+    reference, uninterrupted = workspace / "cnn-zero2", workspace / "cnn-zero3"
     if not (reference / "export").is_dir():
         reference = _run(workspace, "cnn", 2, "zero2")
+    if not (uninterrupted / "export").is_dir():
+        uninterrupted = _run(workspace, "cnn", 3, "zero3")
     run = workspace / "cnn-zero3-resumed"
     check(launch(workspace, 2, _args(workspace, run, "cnn", "run.max_steps=10"), ds_config="ds_configs/zero3.json"))
     assert [s for s, _ in train_losses(run)] == list(range(1, 11))
     check(launch(workspace, 2, _args(workspace, run, "cnn"), ds_config="ds_configs/zero3.json"))
-    resumed = train_losses(run)
-    torch.testing.assert_close(torch.tensor([v for _, v in resumed[10:]]),
-                               torch.tensor([v for _, v in train_losses(reference)[10:]]), rtol=1e-4, atol=1e-4)
-    s_ref, s_res = _student(reference), _student(run)
+    assert train_losses(run) == train_losses(uninterrupted)  # bitwise across the restart
+    s_ref, s_res, s_z3 = _student(reference), _student(run), _student(uninterrupted)
     for k in s_ref:
+        torch.testing.assert_close(s_res[k], s_z3[k], rtol=0, atol=0)
         torch.testing.assert_close(s_res[k], s_ref[k], rtol=1e-3, atol=1e-4)
     last_ref, _ = run_weights(reference, "last")
+    last_z3, _ = run_weights(uninterrupted, "last")
     last_res, _ = run_weights(run, "last")  # ZeRO-3: consolidated from the partitioned checkpoint
-    assert last_res.keys() == last_ref.keys()
+    assert last_res.keys() == last_ref.keys() == last_z3.keys()
     for k in last_ref:
-        # ZeRO-3 reduce-scatters where ZeRO-2 all-reduces: float sums in another order, after 20 steps
-        torch.testing.assert_close(last_res[k].float(), last_ref[k].float(), rtol=5e-3, atol=5e-4)
+        torch.testing.assert_close(last_res[k], last_z3[k], rtol=0, atol=0, msg=k)
+        # against ZeRO-2: reduction-order noise after 20 steps, so per tensor, relative to its norm
+        a, b = last_res[k].double(), last_ref[k].double()
+        assert (a - b).norm() <= 1e-2 * b.norm() + 1e-4, (k, ((a - b).norm() / b.norm()).item())
 
 
 @pytest.mark.slow

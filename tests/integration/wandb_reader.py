@@ -40,10 +40,11 @@ def _chunks(data: bytes):
 
 
 def read_run(path: Path) -> dict:
-    """``{"run_id", "config": {...}, "history_keys": set, "summary_keys": set}``."""
+    """``{"run_id", "config": {...}, "history_keys": set, "summary_keys": set, "train_steps": [step, ...]}``
+    (``train_steps``: the steps of the history rows holding ``train/loss``, in the order logged)."""
     data = path.read_bytes()
     assert data[:4] == b":W&B", f"{path} is not a W&B run file"
-    out = {"run_id": None, "config": {}, "history_keys": set(), "summary_keys": set()}
+    out = {"run_id": None, "config": {}, "history_keys": set(), "summary_keys": set(), "train_steps": []}
     for raw in _chunks(data):
         record = pb.Record()
         record.ParseFromString(raw)
@@ -52,7 +53,10 @@ def read_run(path: Path) -> dict:
             out["run_id"] = record.run.run_id
             out["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update if i.key})
         elif kind == "history":
-            out["history_keys"] |= {i.key or "/".join(i.nested_key) for i in record.history.item}
+            keys = {i.key or "/".join(i.nested_key) for i in record.history.item}
+            out["history_keys"] |= keys
+            if "train/loss" in keys:
+                out["train_steps"].append(record.history.step.num)
         elif kind == "summary":
             out["summary_keys"] |= {i.key or "/".join(i.nested_key) for i in record.summary.update}
     return out
