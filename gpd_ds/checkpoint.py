@@ -401,22 +401,32 @@ def _scan(path: Path, info: DistInfo) -> tuple[str, str] | None:
         try:
             scan_file(f)
         except Exception as e:  # reported, never swallowed: the caller raises or skips the checkpoint with it
-            return _classify(e), str(e)[:600] if isinstance(e, CheckpointError) else f"{f}: {type(e).__name__}: {e}"
+            return _problem(e, f"{f}: ")
     return None
+
+
+def _problem(e: BaseException, where: str = "") -> tuple[str, str]:
+    """(kind, message) of a failed scan or load; our own errors already name the file."""
+    message = str(e)[:600] if isinstance(e, CheckpointError) else f"{where}{type(e).__name__}: {str(e)[:600]}"
+    return _classify(e), message
+
+
+def _worst(problems: list[tuple[str, str]]) -> tuple[str, str]:
+    return max(problems, key=lambda p: _SEVERITY.index(p[0]))
 
 
 def _try_load(engine, marker: Marker, info: DistInfo) -> tuple[dict | None, tuple[str, str] | None]:
     """(client state, None) or (None, (kind, message)) with kind unreadable / unsafe / incompatible."""
     problems = [p for p in all_gather_object(_scan(marker.path, info)) if p]
     if problems:
-        return None, max(problems, key=lambda p: _SEVERITY.index(p[0]))
+        return None, _worst(problems)
     try:
         client = _load(engine, marker, info.world_size)
     except Exception as e:  # every rank must report, or the others wait in the next collective
-        kind = _classify(e)
-        if kind == "incompatible":
+        problem = _problem(e)
+        if problem[0] == "incompatible":
             log.exception("loading %s failed", marker.path)
-        return None, (kind, str(e)[:600] if isinstance(e, CheckpointError) else f"{type(e).__name__}: {str(e)[:600]}")
+        return None, problem
     if client is None:
         return None, ("unreadable", "DeepSpeed found no model states to load")
     return client, None
@@ -447,8 +457,8 @@ def resume(engine, spec: str, root: Path, info: DistInfo, config: dict, zero_sta
         if not errors:
             log.info("resumed from %s", path)
             return Resumed(path, marker, client)
-        kinds = {kind for _, (kind, _) in errors}
-        rank, (kind, message) = next((r, e) for r, e in errors if e[0] == max(kinds, key=_SEVERITY.index))
+        kind, message = _worst([e for _, e in errors])
+        rank = next(r for r, e in errors if e == (kind, message))
         if kind == "unsafe":
             raise UnsafeFileError(f"rank {rank}: {message}")
         if kind == "incompatible":
