@@ -61,6 +61,7 @@ class DataConfig:
     allow_pipe: bool = False
     in_memory: bool = False  # decode the train split once and augment from RAM (CIFAR-size data; see data/memory.py)
     in_memory_max_gb: float = 8.0  # refuse in_memory above this decoded size per rank
+    max_image_pixels: int = 89_478_485  # larger images (width x height, from the header) are skipped and counted
     augment: Augment = field(default_factory=Augment)
 
 

@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 INDEX_NAME = "_info.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 SHARD_MTIME = 1_700_000_000
+# PIL's decompression-bomb limit (~9459 x 9459; 268 MB decoded as RGB): far above any ImageNet photo, far below
+# what one worker can afford (a 65535 x 65535 JPEG would need 13 GB). make-shards leaves larger images out and the
+# loaders skip and count them, both judged from the header before decoding.
+MAX_IMAGE_PIXELS = 89_478_485
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -135,10 +139,22 @@ class _ShardResult:
     kinds: Counter = field(default_factory=Counter)
 
 
+def image_header(data: bytes) -> tuple[str, str, int, int]:
+    """(format, mode, width, height) from the header alone (~20 us; nothing is decoded). PIL's own size limit
+    is lifted here: callers apply theirs (``MAX_IMAGE_PIXELS`` by default). Raises ``OSError``
+    (``UnidentifiedImageError``) for bytes PIL cannot identify."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.format, im.mode, im.size[0], im.size[1]
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def _image_kind(data: bytes) -> str:
     """'JPEG/RGB' style description from the header; raises if PIL cannot identify the bytes."""
-    with Image.open(io.BytesIO(data)) as im:
-        return f"{im.format}/{im.mode}"
+    fmt, mode, _, _ = image_header(data)
+    return f"{fmt}/{mode}"
 
 
 def _write_shard(task: tuple[int, str, list[Sample]]) -> _ShardResult:
