@@ -3,7 +3,8 @@
 One source of truth for everything except DeepSpeed's own keys (batch sizes, clipping, precision, ZeRO), which
 live in the ds_config JSON (see :mod:`gpd_ds.engine`). The two mirrored values, ``optim.global_batch_size`` and
 ``optim.grad_clip``, are the recipe's values: they fill the ds_config where it is silent and must agree with it
-where it is not.
+where it is not. :meth:`TrainConfig.validate` checks every field (type, range, the rules between fields, model
+names) before any work.
 """
 
 from __future__ import annotations
@@ -11,14 +12,20 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import itertools
 import json
+import math
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpd_ds.data.transforms import Augment
+import torch
+
+from gpd_ds.data.transforms import Augment, train_transform
 from gpd_ds.errors import UserInputError
+from gpd_ds.models import TORCHVISION_PREFIX, create_model, unknown_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -158,39 +165,281 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def validate(self) -> TrainConfig:
-        m, o, d, r = self.model, self.optim, self.data, self.run
-        checks = [
-            (m.method in ("gpd", "plain"), "model.method", m.method, "use gpd or plain"),
-            (isinstance(m.width_ratio, int) and m.width_ratio >= 2, "model.width_ratio", m.width_ratio,
-             "use an integer >= 2 (2 in the paper)"),
-            (o.optimizer in ("sgd", "adamw"), "optim.optimizer", o.optimizer, "use sgd or adamw"),
-            (o.schedule in ("step", "cosine"), "optim.schedule", o.schedule, "use step or cosine"),
-            (o.lr > 0, "optim.lr", o.lr, "use a positive learning rate"),
-            (o.epochs >= 1, "optim.epochs", o.epochs, "use at least 1 epoch"),
-            (o.ema_decay is None or 0 < o.ema_decay < 1, "optim.ema_decay", o.ema_decay,
-             "use a value in (0, 1), e.g. 0.99996, or none"),
-            (self.loss.kd in ("dkd", "kl", "none"), "loss.kd", self.loss.kd, "use dkd, kl or none"),
-            (d.image_size >= 8, "data.image_size", d.image_size, "use the training resolution, e.g. 224"),
-            (d.workers >= 0, "data.workers", d.workers, "use 0 or more loader processes"),
-            (r.log_every_steps >= 1, "run.log_every_steps", r.log_every_steps, "use >= 1"),
-            (r.keep_checkpoints >= 1, "run.keep_checkpoints", r.keep_checkpoints, "use >= 1"),
-            (r.checkpoint_every_steps >= 1, "run.checkpoint_every_steps", r.checkpoint_every_steps, "use >= 1"),
-            (r.stop_check_steps >= 1, "run.stop_check_steps", r.stop_check_steps,
-             "use >= 1 (a stop request is honoured within that many optimizer steps)"),
-            (self.track.wandb in ("auto", "online", "offline", "disabled"), "track.wandb", self.track.wandb,
-             "use auto, online, offline or disabled"),
-            (not (m.static_teacher_checkpoint and m.static_teacher_pretrained), "model.static_teacher_pretrained",
-             m.static_teacher_pretrained, "set either a local static_teacher_checkpoint or pretrained, not both"),
-            (m.static_teacher is not None or not (m.static_teacher_checkpoint or m.static_teacher_pretrained),
-             "model.static_teacher", m.static_teacher, "name the static teacher's architecture"),
-            (not m.distillation_token or (m.static_teacher is not None and self.loss.kd != "none"),
-             "model.distillation_token", m.distillation_token,
-             "the distillation head learns from the static teacher: set model.static_teacher and loss.kd"),
-        ]
-        for ok, key, value, fix in checks:
+        """Check every field (type, then range), the fields that depend on each other, and the model names;
+        raises :class:`ConfigError` naming the key, the value and the fix. Builds nothing but a meta-device trial of
+        the student when ``model.student_kwargs`` is set."""
+        fields = list(_leaf_fields(self))
+        for key, value, hint in fields:
+            if not _fits(value, hint):
+                raise ConfigError(f"{key}={value!r} is invalid: use {_describe(hint)}")
+        values = {key: value for key, value, _ in fields}
+        rows = [(check(values[key]), key, values[key], fix) for key, check, fix in _RULES]
+        for ok, key, value, fix in [*rows, *_cross_field_rows(self)]:
             if not ok:
                 raise ConfigError(f"{key}={value!r} is invalid: {fix}")
+        _check_models(self)
+        _check_auto_augment(self)
         return self
+
+
+# --- validation ------------------------------------------------------------------------------------------------
+# TrainConfig.validate checks each field's type from the dataclass hints (_fits), then its range (_RULES, one row
+# per non-bool field), then the rules that tie fields together (_cross_field_rows), then the names of the models.
+
+
+def _leaf_fields(section: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted key, value, type hint) of every field that is not itself a section."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, hint, key = getattr(section, f.name), hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, hint):
+                raise ConfigError(f"{key}={value!r} is invalid: use the {hint.__name__} dataclass (a section)")
+            yield from _leaf_fields(value, f"{key}.")
+        else:
+            yield key, value, hint
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the type of a field annotated ``hint``. A float field takes an int but no nan/inf; an
+    int field takes no float (2.0); a bool is no number here (Python counts True as 1); a list stands for a tuple
+    (JSON has no tuples)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    if isinstance(value, bool):
+        return False
+    if hint is int:
+        return isinstance(value, int)
+    if hint is float:
+        return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if origin is tuple:
+        if not isinstance(value, tuple | list):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args, strict=True))
+    raise TypeError(f"config fields of type {hint} have no type check; add one to _fits")
+
+
+_NAMES = {bool: ("true or false", "true/false values"), int: ("an integer", "integers"),
+          float: ("a finite number", "finite numbers"), str: ("a string", "strings"),
+          dict: ("a JSON object", "JSON objects")}
+
+
+def _describe(hint: Any) -> str:
+    """What a field annotated ``hint`` takes, for a message: "an integer", "none or a finite number"..."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        kinds = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(["none", *kinds] if type(None) in args else kinds)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_NAMES[args[0]][1]}"
+        return f"a list of {len(args)} {_NAMES[args[0]][1]}"
+    return _NAMES[origin or hint][0]
+
+
+def _at_least(low: float) -> Callable[[Any], bool]:
+    return lambda v: v >= low
+
+
+def _above(low: float) -> Callable[[Any], bool]:
+    return lambda v: v > low
+
+
+def _within(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable[[Any], bool]:
+    """The interval from low to high, each end closed unless marked open."""
+    return lambda v: (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+
+
+def _one_of(*choices: str) -> Callable[[Any], bool]:
+    return lambda v: v in choices
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _each(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: all(check(x) for x in v)
+
+
+def _nonempty(v: str) -> bool:
+    return bool(v.strip())
+
+
+def _increasing_pair(high: float = math.inf) -> Callable[[Any], bool]:
+    """(low, high) bounds of a random draw: positive, low <= high, high at most ``high``."""
+    return lambda v: 0 < v[0] <= v[1] <= high
+
+
+def _increasing(v: tuple[int, ...]) -> bool:
+    return all(m >= 0 for m in v) and all(a < b for a, b in itertools.pairwise(v))
+
+
+_PROBABILITY = _within(0, 1)
+_FRACTION = _within(0, 1, high_open=True)
+_WEIGHT = _at_least(0)
+_AT_LEAST_ONE = _at_least(1)
+_RESERVED_STUDENT_KWARGS = ("num_classes", "image_size", "pretrained")
+
+# (key, check of its value, fix). Types are checked before: a check sees a value of its field's type.
+_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("recipe", lambda v: _nonempty(v) and "/" not in v, "use a name without '/' (it names runs/<recipe>-<time>)"),
+    ("model.student", _nonempty, "name a timm model (e.g. resnet18) or torchvision:NAME"),
+    ("model.student_kwargs", lambda v: not set(v) & set(_RESERVED_STUDENT_KWARGS),
+     "drop num_classes (it comes from the data), image_size (data.image_size) and pretrained (use "
+     "model.student_checkpoint)"),
+    ("model.student_checkpoint", _optional(_nonempty), "use a local weights file, or none"),
+    ("model.static_teacher", _optional(_nonempty), "name a timm model (e.g. resnet34.tv_in1k) or torchvision:NAME, "
+     "or none"),
+    ("model.static_teacher_checkpoint", _optional(_nonempty), "use a local .safetensors/.pth file, or none"),
+    ("model.method", _one_of("gpd", "plain"), "use gpd or plain"),
+    ("model.width_ratio", _at_least(2), "use an integer >= 2 (2 in the paper)"),
+    ("model.noise_std", _at_least(0), "use a standard deviation >= 0 (default 1e-6)"),
+    ("data.root", _optional(_nonempty), "use the shards root (with _info.json), or none for the demo data"),
+    ("data.train_split", _nonempty, "name the train split, e.g. train"),
+    ("data.val_split", _nonempty, "name the validation split, e.g. val"),
+    ("data.image_size", _at_least(8), "use the training resolution, e.g. 224"),
+    ("data.workers", _at_least(0), "use 0 or more loader processes"),
+    ("data.shuffle_buffer", _AT_LEAST_ONE, "use >= 1 samples per loader worker (default 1000; 1: no shuffling "
+     "within the shards)"),
+    ("data.max_bad_fraction", _FRACTION, "use a fraction in [0, 1) of unreadable images to tolerate, e.g. 0.01"),
+    ("data.eval_batch_size", _AT_LEAST_ONE, "use >= 1 images per rank, e.g. 250"),
+    ("data.crop_pct", _within(0, 1, low_open=True), "use a fraction in (0, 1]: evaluation resizes to "
+     "image_size / crop_pct and center-crops image_size (0.875: 256 -> 224)"),
+    ("data.interpolation", _one_of("bilinear", "bicubic"), "use bilinear or bicubic"),
+    ("data.mean", _each(_within(0, 1)), "use 3 per-channel means of pixels scaled to [0, 1], e.g. 0.485,0.456,0.406"),
+    ("data.std", _each(_above(0)), "use 3 positive per-channel standard deviations, e.g. 0.229,0.224,0.225"),
+    ("data.in_memory_max_gb", _above(0), "use a positive size in GB, e.g. 8"),
+    ("data.max_image_pixels", _AT_LEAST_ONE, "use a positive pixel count (width x height)"),
+    ("data.augment.pad_crop", _at_least(0), "use 0 (RandomResizedCrop) or a padding in pixels, e.g. 4 (CIFAR)"),
+    ("data.augment.scale", _increasing_pair(high=1), "use 2 increasing area fractions in (0, 1], e.g. 0.08,1.0"),
+    ("data.augment.ratio", _increasing_pair(), "use 2 increasing positive aspect ratios, e.g. 0.75,1.333"),
+    ("data.augment.hflip", _PROBABILITY, "use a probability in [0, 1]"),
+    ("data.augment.color_jitter", _at_least(0), "use a strength >= 0 (0: off)"),
+    ("data.augment.auto_augment", _optional(_nonempty), "use a timm policy (e.g. rand-m9-mstd0.5-inc1), or none"),
+    ("data.augment.interpolation", _one_of("bilinear", "bicubic"), "use bilinear or bicubic"),
+    ("data.augment.random_erasing", _PROBABILITY, "use a probability in [0, 1] (DeiT: 0.25)"),
+    ("data.augment.mixup", _at_least(0), "use an alpha >= 0 (0: off; DeiT: 0.8)"),
+    ("data.augment.cutmix", _at_least(0), "use an alpha >= 0 (0: off; DeiT: 1.0)"),
+    ("data.augment.mixup_switch_prob", _PROBABILITY, "use a probability in [0, 1]"),
+    ("data.augment.label_smoothing", _FRACTION, "use a value in [0, 1) (DeiT: 0.1)"),
+    ("loss.kd", _one_of("dkd", "kl", "none"), "use dkd, kl or none"),
+    ("loss.dkd_alpha", _WEIGHT, "use a weight >= 0 (default 1.0)"),
+    ("loss.dkd_beta", _WEIGHT, "use a weight >= 0 (0.5; 2.0 for MobileNet in the paper)"),
+    ("loss.temperature", _above(0), "use a positive temperature, e.g. 1.0"),
+    ("loss.ce_weight", _WEIGHT, "use a weight >= 0"),
+    ("loss.kd_weight", _WEIGHT, "use a weight >= 0"),
+    ("loss.dynamic_weight", _WEIGHT, "use a weight >= 0 (3.0 in the paper)"),
+    ("loss.smoothing", _FRACTION, "use a label smoothing in [0, 1), e.g. 0.1"),
+    ("optim.optimizer", _one_of("sgd", "adamw"), "use sgd or adamw"),
+    ("optim.lr", _above(0), "use a positive learning rate"),
+    ("optim.lr_ref_batch", _AT_LEAST_ONE, "use the global batch the lr is given at, e.g. 512"),
+    ("optim.finetune_lr_scale", _above(0), "use a positive factor, e.g. 0.1"),
+    ("optim.momentum", _FRACTION, "use a momentum in [0, 1), e.g. 0.9"),
+    ("optim.betas", _each(_FRACTION), "use 2 AdamW betas in [0, 1), e.g. 0.9,0.999"),
+    ("optim.eps", _above(0), "use a small positive number, e.g. 1e-8"),
+    ("optim.weight_decay", _at_least(0), "use a weight decay >= 0, e.g. 1e-4"),
+    ("optim.schedule", _one_of("step", "cosine"), "use step or cosine"),
+    ("optim.epochs", _AT_LEAST_ONE, "use at least 1 epoch"),
+    ("optim.warmup_epochs", _at_least(0), "use 0 or more epochs, fewer than optim.epochs"),
+    ("optim.warmup_lr", _at_least(0), "use a learning rate >= 0, e.g. 1e-6"),
+    ("optim.milestones", _increasing, "use increasing epochs >= 0, e.g. 30,60,90"),
+    ("optim.gamma", _within(0, 1, low_open=True), "use a decay factor in (0, 1], e.g. 0.1"),
+    ("optim.min_lr", _at_least(0), "use a learning rate >= 0, e.g. 1e-5"),
+    ("optim.cooldown_epochs", _at_least(0), "use 0 or more epochs, fewer than optim.epochs"),
+    ("optim.ema_decay", _optional(_within(0, 1, low_open=True, high_open=True)),
+     "use a value in (0, 1), e.g. 0.99996, or none"),
+    ("optim.global_batch_size", _optional(_AT_LEAST_ONE), "use a positive number of images per optimizer step over "
+     "all ranks (it mirrors ds_config train_batch_size), or none to take the ds_config's"),
+    ("optim.grad_clip", _optional(_at_least(0)), "use a max gradient norm >= 0 (0: no clipping; it mirrors ds_config "
+     "gradient_clipping), or none to take the ds_config's"),
+    ("run.seed", _at_least(0), "use an integer >= 0"),
+    ("run.log_every_steps", _AT_LEAST_ONE, "use >= 1"),
+    ("run.eval_every_epochs", _AT_LEAST_ONE, "use >= 1 (evaluate every that many epochs)"),
+    ("run.checkpoint_every_steps", _AT_LEAST_ONE, "use >= 1"),
+    ("run.keep_checkpoints", _AT_LEAST_ONE, "use >= 1"),
+    ("run.stop_check_steps", _AT_LEAST_ONE, "use >= 1 (a stop request is honoured within that many optimizer steps)"),
+    ("run.max_steps", _optional(_AT_LEAST_ONE), "use >= 1 optimizer steps, or none to train all epochs"),
+    ("run.max_nonfinite_steps", _at_least(0), "use 0 (stop at the first non-finite loss) or more"),
+    ("track.wandb", _one_of("auto", "online", "offline", "disabled"), "use auto, online, offline or disabled"),
+    ("track.project", _nonempty, "name the W&B project, e.g. gpd_ds"),
+    ("track.entity", _optional(_nonempty), "name the W&B entity, or none"),
+    ("track.name", _optional(_nonempty), "name the W&B run, or none (the run directory's name)"),
+    ("track.group", _optional(_nonempty), "name the W&B group, or none"),
+    ("track.tags", _each(lambda t: 0 < len(t) <= 64), "use tags of 1 to 64 characters (W&B's limit)"),
+    ("track.notes", _optional(_nonempty), "write the notes, or none"),
+    ("track.init_timeout", _above(0), "use a positive number of seconds, e.g. 60"),
+)
+
+
+def _cross_field_rows(cfg: TrainConfig) -> list[tuple[bool, str, Any, str]]:
+    """(ok, key, value, fix) of the rules that tie fields together."""
+    m, o = cfg.model, cfg.optim
+    return [
+        (not (m.static_teacher_checkpoint and m.static_teacher_pretrained), "model.static_teacher_pretrained",
+         m.static_teacher_pretrained, "set either a local static_teacher_checkpoint or pretrained, not both"),
+        (m.static_teacher is not None or not (m.static_teacher_checkpoint or m.static_teacher_pretrained),
+         "model.static_teacher", m.static_teacher, "name the static teacher's architecture"),
+        (not (m.static_teacher_pretrained and (m.static_teacher or "").startswith(TORCHVISION_PREFIX)),
+         "model.static_teacher_pretrained", m.static_teacher_pretrained,
+         "torchvision weights are not downloaded: save them and set model.static_teacher_checkpoint"),
+        (not m.distillation_token or (m.static_teacher is not None and cfg.loss.kd != "none"),
+         "model.distillation_token", m.distillation_token,
+         "the distillation head learns from the static teacher: set model.static_teacher and loss.kd"),
+        (o.warmup_epochs < o.epochs, "optim.warmup_epochs", o.warmup_epochs,
+         f"use fewer warm-up epochs than optim.epochs={o.epochs}"),
+        (o.cooldown_epochs < o.epochs, "optim.cooldown_epochs", o.cooldown_epochs,
+         f"use fewer cool-down epochs than optim.epochs={o.epochs}"),
+        (o.schedule != "cosine" or o.warmup_epochs + o.cooldown_epochs < o.epochs, "optim.cooldown_epochs",
+         o.cooldown_epochs, f"warm-up ({o.warmup_epochs}) and cool-down epochs leave no epoch of cosine decay "
+         f"within optim.epochs={o.epochs}; lower them or raise optim.epochs"),
+        (o.optimizer != "sgd" or not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov,
+         "Nesterov SGD needs optim.momentum > 0"),
+    ]
+
+
+def _check_models(cfg: TrainConfig) -> None:
+    """Unknown model names, from the registries; ``student_kwargs`` its constructor rejects, from a trial build on
+    the meta device (no memory, no weights; a fraction of a second for a ViT), so the mistake shows before the
+    data is scanned rather than after."""
+    m = cfg.model
+    for key, name in (("model.student", m.student), ("model.static_teacher", m.static_teacher)):
+        problem = None if name is None else unknown_model(name)
+        if problem is not None:
+            raise ConfigError(f"{key}={name!r} is invalid: {problem}")
+    if m.student_kwargs:
+        try:
+            with torch.device("meta"):
+                create_model(m.student, num_classes=1000, image_size=cfg.data.image_size, **m.student_kwargs)
+        except TypeError as e:
+            raise student_kwargs_error(m, e) from e
+
+
+def student_kwargs_error(m: ModelConfig, error: TypeError) -> ConfigError:
+    """The error for ``model.student_kwargs`` the student's constructor refused with ``error``."""
+    return ConfigError(f"model.student_kwargs={m.student_kwargs!r} is invalid: {m.student}'s constructor refuses "
+                       f"them ({error}); fix or drop what it names")
+
+
+def _check_auto_augment(cfg: TrainConfig) -> None:
+    """A policy string timm cannot parse (its parsers assert), found by building the train transform: no data."""
+    if not cfg.data.augment.auto_augment:
+        return
+    try:
+        train_transform(cfg.data.image_size, cfg.data.augment, cfg.data.mean)
+    except (AssertionError, ValueError, KeyError) as e:
+        raise ConfigError(f"data.augment.auto_augment={cfg.data.augment.auto_augment!r} is invalid: timm cannot "
+                          f"read it ({e or type(e).__name__}); use e.g. rand-m9-mstd0.5-inc1 (DeiT), augmix-m5 or "
+                          "original") from e
 
 
 def _section_fields(obj: Any) -> dict[str, dataclasses.Field]:

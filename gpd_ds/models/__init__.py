@@ -8,15 +8,40 @@ import timm
 import torchvision
 from torch import nn
 
+from gpd_ds.errors import UserInputError
 from gpd_ds.models import cifar  # noqa: F401  (registers the cifar_resnet* models with timm)
 
 TORCHVISION_PREFIX = "torchvision:"
 TIMM_PREFIX = "timm:"
 
 
+class UnknownModelError(UserInputError, ValueError):
+    """A model name no registry knows, or weights that cannot be had for it (the message names close names)."""
+
+
 def _suggest(name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
     return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def unknown_model(name: str) -> str | None:
+    """Why ``name`` (see :func:`create_model`) names no model, with close names; None if it names one. Only the
+    registries are read: nothing is built (config validation calls this)."""
+    if name.startswith(TORCHVISION_PREFIX):
+        arch = name[len(TORCHVISION_PREFIX):]
+        known = torchvision.models.list_models(module=torchvision.models)
+        return None if arch in known else f"unknown torchvision model {arch!r} in {name!r}.{_suggest(arch, known)}"
+    arch = name.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(arch):
+        return (f"unknown model {name!r}: not a timm model name (use the 'torchvision:' prefix for torchvision "
+                f"models).{_suggest(arch, timm.list_models())}")
+    base, _, tag = arch.partition(".")
+    # timm.is_model accepts any tag after a known architecture; building it then fails with "Invalid pretrained tag"
+    tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{base}.*")]
+    if tag and tag not in tags:
+        hint = _suggest(tag, tags) or f" Its tags: {', '.join(tags) or 'none'}."
+        return f"unknown model {name!r}: {base!r} has no pretrained tag {tag!r}.{hint}"
+    return None
 
 
 def create_model(name: str, num_classes: int | None = None, image_size: int | None = None, pretrained: bool = False,
@@ -30,19 +55,16 @@ def create_model(name: str, num_classes: int | None = None, image_size: int | No
     from a local file (:func:`gpd_ds.models.weights.load_weights`).
     """
     if pretrained and name.startswith(TORCHVISION_PREFIX):
-        raise ValueError(f"{name!r}: download torchvision weights yourself and pass them as a local checkpoint")
+        raise UnknownModelError(f"{name!r}: download torchvision weights yourself and pass them as a local "
+                                "checkpoint")
+    problem = unknown_model(name)
+    if problem is not None:
+        raise UnknownModelError(problem)
     if name.startswith(TORCHVISION_PREFIX):
-        arch = name[len(TORCHVISION_PREFIX):]
-        known = torchvision.models.list_models(module=torchvision.models)
-        if arch not in known:
-            raise ValueError(f"unknown torchvision model {arch!r} in {name!r}.{_suggest(arch, known)}")
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
-        return torchvision.models.get_model(arch, weights=None, **kwargs)
+        return torchvision.models.get_model(name[len(TORCHVISION_PREFIX):], weights=None, **kwargs)
     arch = name.removeprefix(TIMM_PREFIX)
-    if not timm.is_model(arch):
-        raise ValueError(f"unknown model {name!r}: not a timm model name (use the 'torchvision:' prefix for "
-                         f"torchvision models).{_suggest(arch, timm.list_models())}")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     model = timm.create_model(arch, pretrained=pretrained, **kwargs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from gpd_ds.config import ConfigError, TrainConfig
+from gpd_ds.config import ConfigError, TrainConfig, student_kwargs_error
 from gpd_ds.gpd import expand
 from gpd_ds.models import create_model
 from gpd_ds.models.weights import load_weights
@@ -12,7 +12,13 @@ from gpd_ds.models.weights import load_weights
 
 def build_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
     m = cfg.model
-    student = create_model(m.student, num_classes=num_classes, image_size=cfg.data.image_size, **m.student_kwargs)
+    try:
+        student = create_model(m.student, num_classes=num_classes, image_size=cfg.data.image_size,
+                               **m.student_kwargs)
+    except TypeError as e:
+        if not m.student_kwargs:  # the builder's own bug, not the user's input
+            raise
+        raise student_kwargs_error(m, e) from e
     if m.student_checkpoint:
         load_weights(student, m.student_checkpoint, f"student ({m.student})")
     if m.distillation_token:
