@@ -1,16 +1,31 @@
-"""The shard writer on generated ImageFolder trees: round trip, odd images, class mapping, atomicity, resume."""
+"""The shard writer on generated ImageFolder trees: round trip, odd images, class mapping, atomicity, resume,
+the pixel limit, layout checks, damaged index and mapping files, and the CLI summary."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import PIL.Image
+import PIL.ImageFile
 import pytest
 import torch
 
+from gpd_ds.cli import main
 from gpd_ds.data import shards as shards_mod
 from gpd_ds.data.loader import decode, iter_shard
-from gpd_ds.data.shards import ShardWriteError, make_shards, read_index
+from gpd_ds.data.shards import (
+    INDEX_NAME,
+    MAX_IMAGE_PIXELS,
+    ShardWriteError,
+    make_shards,
+    read_index,
+    summary_lines,
+    validate_index,
+)
 from tests.data_helpers import image_tree, jpeg_bytes
 
 
@@ -148,3 +163,354 @@ def test_bad_arguments(tmp_path: Path) -> None:
         make_shards(tmp_path / "train", tmp_path / "out", "train", shard_size=0)
     with pytest.raises(ShardWriteError, match=r"class mapping file .* does not exist"):
         make_shards(tmp_path / "train", tmp_path / "out", "train", class_mapping=tmp_path / "nope.txt")
+
+
+# --- the pixel limit -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16000 x 16000 grayscale PNG: ~250 KB on disk, 256 MB decoded (768 MB as RGB): PIL's bomb check fires."""
+    path = tmp_path_factory.mktemp("huge") / "huge.png"
+    PIL.Image.new("L", (16000, 16000)).save(path, "PNG")
+    return path
+
+
+def _forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any pixel decode fails the test (the pool's forked workers inherit the patch)."""
+    def load(self, *args, **kwargs):
+        raise AssertionError(f"make-shards decoded pixels of a {self.size} image")
+
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", load)
+    monkeypatch.setattr(PIL.Image.Image, "load", load)
+
+
+def test_huge_png_is_left_out_and_listed_without_decoding(tmp_path: Path, huge_png: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "train"
+    image_tree(src, per_class=2)
+    shutil.copy(huge_png, src / "dog" / "huge.png")
+    _forbid_decoding(monkeypatch)
+    assert main(["make-shards", str(src), str(tmp_path / "out"), "--split", "train", "--workers", "1"]) == 0
+    reason = f"{src / 'dog' / 'huge.png'}: 16000x16000 = 256,000,000 pixels > --max-pixels 89,478,485"
+    assert f"  {reason}\n" in capsys.readouterr().out
+    entry = read_index(tmp_path / "out")["splits"]["train"]
+    assert entry["skipped_files"] == [reason]
+    assert entry["num_samples"] == 6
+    assert entry["max_pixels"] == MAX_IMAGE_PIXELS
+
+
+@pytest.mark.parametrize("max_pixels", [100, 400])
+def test_small_max_pixels_leaves_out_exactly_the_larger_images(tmp_path: Path, max_pixels: int) -> None:
+    written = image_tree(tmp_path / "train", per_class=6)  # sides 5..40 px: some images on each side of the limit
+    sizes = {key: shards_mod.image_header(data)[2:] for key, (data, _) in written.items()}
+    larger = {key for key, (w, h) in sizes.items() if w * h > max_pixels}
+    assert 0 < len(larger) < len(written)
+    entry = make_shards(tmp_path / "train", tmp_path / "out", "train", shard_size=4, workers=2, progress=False,
+                        max_pixels=max_pixels)
+    assert set(_read_all(tmp_path / "out", "train")) == set(written) - larger
+    assert entry["num_samples"] == len(written) - len(larger)
+    assert len(entry["skipped_files"]) == len(larger)
+    for line in entry["skipped_files"]:
+        assert re.fullmatch(rf".*\.JPEG: \d+x\d+ = [\d,]+ pixels > --max-pixels {max_pixels}", line)
+
+
+def test_max_pixels_must_be_positive_and_its_help_gives_the_default(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    image_tree(tmp_path / "train", per_class=1)
+    with pytest.raises(ShardWriteError, match="--max-pixels 0 must be >= 1"):
+        make_shards(tmp_path / "train", tmp_path / "out", "train", max_pixels=0, progress=False)
+    assert main(["make-shards", str(tmp_path / "train"), str(tmp_path / "out"), "--split", "train",
+                 "--max-pixels", "0"]) == 2
+    assert "--max-pixels 0 must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["make-shards", "--help"])
+    assert f"(default {MAX_IMAGE_PIXELS:,}, PIL's limit)" in " ".join(capsys.readouterr().out.split())
+
+
+# --- layout checks ---------------------------------------------------------------------------------------------
+
+
+def _empty_class(src: Path) -> None:
+    image_tree(src, per_class=2)
+    (src / "bird").mkdir()
+
+
+def _one_class(src: Path) -> None:
+    image_tree(src, classes=("cat",), per_class=2)
+
+
+def _dataset_root(src: Path) -> None:
+    image_tree(src / "Train", per_class=2)
+    image_tree(src / "VAL", per_class=1)
+
+
+def _non_image_files(src: Path) -> None:
+    image_tree(src, per_class=2)
+    (src / "cat" / "notes.txt").write_text("not an image")
+    (src / "dog" / "labels.csv").write_text("not an image")
+    (src / "dog" / ".DS_Store").write_bytes(b"the OS's, not counted")
+
+
+def _loose_images(src: Path) -> None:
+    image_tree(src, per_class=2)
+    (src / "stray.JPEG").write_bytes(jpeg_bytes(8, 8, 1))
+
+
+LAYOUT_CASES = [
+    pytest.param(_empty_class, r"class folders of '[^']+' without image files \(1\): 'bird'; each such class has 0 "
+                 r"samples in this split: add its images, or remove the folder", id="empty-class-folder"),
+    pytest.param(_one_class, r"source '[^']+' has only 1 class folder \('cat'\); a classifier needs at least 2",
+                 id="one-class"),
+    pytest.param(_dataset_root, r"source '[^']+' looks like a dataset root holding splits \(class folders 'Train', "
+                 r"'VAL'\); pass the split directory, e.g. '[^']+/src/Train'", id="dataset-root"),
+    pytest.param(_non_image_files, r"files without an image extension \(\.jpg, .*\) in the class folders of "
+                 r"'[^']+', left out \(2\): 'cat/notes\.txt', 'dog/labels\.csv'; move them out", id="non-image-files"),
+    pytest.param(_loose_images, r"image files directly in '[^']+', outside any class folder, left out \(1\): "
+                 r"'stray\.JPEG'; move them into their class folders", id="images-outside-class-folders"),
+]
+
+
+@pytest.mark.parametrize(("setup", "warning"), LAYOUT_CASES)
+def test_layout_problem_warns_by_default(tmp_path: Path, setup: Callable[[Path], None], warning: str,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    setup(tmp_path / "src")
+    with caplog.at_level("WARNING", logger="gpd_ds.data.shards"):
+        entry = make_shards(tmp_path / "src", tmp_path / "out", "train", workers=1, progress=False)
+    assert len(entry["layout_warnings"]) == 1
+    assert re.search(warning, entry["layout_warnings"][0])
+    assert any(re.search(warning, r.getMessage()) for r in caplog.records)
+    assert read_index(tmp_path / "out")["splits"]["train"]["layout_warnings"] == entry["layout_warnings"]
+
+
+@pytest.mark.parametrize(("setup", "warning"), LAYOUT_CASES)
+def test_layout_problem_is_printed_by_the_cli_and_refused_with_strict(tmp_path: Path, setup: Callable[[Path], None],
+                                                                      warning: str,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    setup(tmp_path / "src")
+    with pytest.raises(ShardWriteError, match=rf"--strict: the source '[^']+' has 1 layout problem:\n  - {warning}"):
+        make_shards(tmp_path / "src", tmp_path / "strict", "train", strict=True, progress=False)
+    assert not list((tmp_path / "strict").glob("*.tar"))  # refused before writing anything
+    args = ["make-shards", str(tmp_path / "src"), str(tmp_path / "cli"), "--split", "train", "--workers", "1"]
+    assert main([*args, "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(warning, err)
+    assert "run without --strict to convert anyway" in err
+    assert "Traceback" not in err
+    assert main(args) == 0
+    assert re.search(rf"^warning: {warning}", capsys.readouterr().out, re.MULTILINE)
+
+
+def test_empty_class_folder_is_a_recorded_class_with_0_samples(tmp_path: Path) -> None:
+    _empty_class(tmp_path / "src")
+    entry = make_shards(tmp_path / "src", tmp_path / "out", "train", workers=1, progress=False)
+    assert entry["empty_classes"] == ["bird"]
+    assert read_index(tmp_path / "out")["classes"] == ["bird", "cat", "dog", "fish"]
+    assert {label for _, label in _read_all(tmp_path / "out", "train").values()} == {1, 2, 3}
+
+
+def test_strict_lists_every_problem_at_once(tmp_path: Path) -> None:
+    _dataset_root(tmp_path / "src")
+    (tmp_path / "src" / "Train" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(ShardWriteError, match=r"has 2 layout problems:\n  - source .* looks like a dataset root.*"
+                                              r"\n  - files without an image extension.*'Train/cat/notes\.txt'"):
+        make_shards(tmp_path / "src", tmp_path / "out", "train", strict=True, progress=False)
+
+
+def test_class_whose_files_were_all_left_out_is_warned_about(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    image_tree(src, classes=("cat", "dog"), per_class=2)
+    (src / "fish").mkdir()
+    (src / "fish" / "broken.JPEG").write_bytes(b"not an image at all")
+    # The layout is fine (the file looks like an image), so strict converts; what it cannot judge before reading
+    # the files is recorded instead.
+    entry = make_shards(src, tmp_path / "out", "train", workers=1, progress=False, strict=True)
+    assert entry["empty_classes"] == ["fish"]
+    assert entry["layout_warnings"] == ["classes with 0 samples in split 'train' because all their image files "
+                                        "were left out (1; see skipped_files): 'fish'"]
+    assert entry["skipped_files"] == [f"{src / 'fish' / 'broken.JPEG'}: UnidentifiedImageError: not an image "
+                                      "format PIL can read"]
+
+
+# --- damaged index and class-mapping files ---------------------------------------------------------------------
+
+_FIX = "restore the file, or re-create the dataset with gpd-ds make-shards into a new directory"
+
+
+def _split(filenames: object = ("a.tar",), shard_lengths: object = (3,), num_samples: object = 3) -> dict:
+    entry = {"filenames": filenames, "shard_lengths": shard_lengths, "num_samples": num_samples}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in entry.items()}
+
+
+BAD_INDEXES = [
+    pytest.param("{not json", r" is not valid JSON \(line 1, column 2: Expecting property name", id="not-json"),
+    pytest.param([], r" must hold a JSON object \{\.\.\.\}, not a JSON list", id="a-list"),
+    pytest.param({"classes": "cat", "splits": {}}, r": field 'classes' must be a list of class names \(strings\), "
+                 "not a string", id="classes-a-string"),
+    pytest.param({"classes": ["cat", 1], "splits": {}}, r": field 'classes' must be a list of class names "
+                 r"\(strings\), not a list with non-string entries", id="classes-not-strings"),
+    pytest.param({"classes": ["cat", "cat"], "splits": {}}, r": field 'classes' names 'cat' more than once",
+                 id="classes-twice"),
+    pytest.param({"classes": ["cat", "dog"], "num_classes": 3, "splits": {}}, r": field 'num_classes' is 3 but "
+                 r"'classes' lists 2", id="num-classes-mismatch"),
+    pytest.param({"classes": ["cat", "dog"]}, r": field 'splits' is missing", id="no-splits"),
+    pytest.param({"splits": ["train"]}, r": field 'splits' must be an object \{split name: entry\}, not a list",
+                 id="splits-a-list"),
+    pytest.param({"splits": {"train": 3}}, r": field 'splits.train' must be an object, not a number",
+                 id="entry-a-number"),
+    *[pytest.param({"splits": {"train": {k: v for k, v in _split().items() if k != missing}}},
+                   rf": field 'splits\.train\.{missing}' is missing", id=f"no-{missing}")
+      for missing in ("filenames", "shard_lengths", "num_samples")],
+    pytest.param({"splits": {"train": _split(filenames="a.tar")}}, r": field 'splits\.train\.filenames' must be a "
+                 r"list of shard file names \(strings\)", id="filenames-a-string"),
+    pytest.param({"splits": {"train": _split(shard_lengths=[-3])}}, r": field 'splits\.train\.shard_lengths' must "
+                 r"be a list of sample counts \(whole numbers >= 0\)", id="negative-length"),
+    pytest.param({"splits": {"train": _split(shard_lengths=[1.5])}}, r": field 'splits\.train\.shard_lengths' "
+                 "must be a list of sample counts", id="fractional-length"),
+    pytest.param({"splits": {"train": _split(filenames=["a.tar", "b.tar"])}}, r": field 'splits\.train\.filenames' "
+                 r"lists 2 shards but 'splits\.train\.shard_lengths' has 1 count", id="lengths-differ"),
+    pytest.param({"splits": {"train": _split(num_samples=4)}}, r": field 'splits\.train\.num_samples' is 4 but "
+                 r"'splits\.train\.shard_lengths' sum to 3", id="num-samples-mismatch"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_INDEXES)
+def test_damaged_index_names_the_file_and_the_field(tmp_path: Path, content: object, message: str,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    image_tree(tmp_path / "val", per_class=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / INDEX_NAME).write_text(content if isinstance(content, str) else json.dumps(content))
+    expected = re.escape(repr(str(out / INDEX_NAME))) + message + ".*" + re.escape(_FIX)
+    with pytest.raises(ShardWriteError, match=expected):
+        read_index(out)
+    with pytest.raises(ShardWriteError, match=expected):
+        make_shards(tmp_path / "val", out, "val", progress=False)
+    assert main(["make-shards", str(tmp_path / "val"), str(out), "--split", "val"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(expected, err)
+    assert "Traceback" not in err
+
+
+class _LoaderError(Exception):
+    """Stands in for the loader's own error type."""
+
+
+@pytest.mark.parametrize(("content", "message"), [p for p in BAD_INDEXES if p.id != "not-json"])
+def test_validate_index_raises_the_callers_error_type(content: object, message: str) -> None:
+    with pytest.raises(_LoaderError, match="^" + re.escape("s3://bucket/_info.json") + message):
+        validate_index(content, "s3://bucket/_info.json", _LoaderError)
+
+
+def test_validate_index_returns_a_valid_index_unchanged(tmp_path: Path) -> None:
+    image_tree(tmp_path / "train", per_class=2)
+    make_shards(tmp_path / "train", tmp_path / "out", "train", shard_size=4, progress=False)
+    index = json.loads((tmp_path / "out" / INDEX_NAME).read_text())
+    assert validate_index(index, "out/_info.json") is index
+    timm_style = {"name": "x", "splits": {"train": _split(filenames=[], shard_lengths=[], num_samples=0)}}
+    assert validate_index(timm_style, "x") is timm_style  # classes are optional
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("m.json", "{bad", r"class mapping '[^']+m\.json' is not valid JSON \(line 1, column 2: Expecting property "
+     r"name.*\); write a JSON list of class names"),
+    ("m.json", '"cats"', r"class mapping '[^']+' holds a JSON string; write a JSON list of class names"),
+    ("m.json", '{"cat": "0", "dog": 1}', r"class mapping '[^']+': the indices of a \{name: index\} object must be "
+     "whole numbers"),
+    ("m.json", '{"cat": 0, "dog": 2}', r"class mapping '[^']+': indices must be 0\.\.1, each once"),
+    ("m.json", '["cat", ["dog"]]', r"class mapping '[^']+': entry 1 is a list, not a class name"),
+    ("m.json", "[]", r"class mapping '[^']+' names no classes"),
+    ("m.json", '["cat", "dog", "cat"]', r"class mapping '[^']+' names 'cat' more than once"),
+    ("m.txt", "cat\ndog\ncat\n", r"class mapping '[^']+' names 'cat' more than once"),
+    ("m.txt", b"\xff\xfe\x00cat", r"class mapping '[^']+m\.txt' is not UTF-8 text \(byte 0\)"),
+])
+def test_invalid_class_mapping_names_the_file_and_why(tmp_path: Path, name: str, content: str | bytes,
+                                                      message: str, capsys: pytest.CaptureFixture) -> None:
+    image_tree(tmp_path / "train", classes=("cat", "dog"), per_class=1)
+    mapping = tmp_path / name
+    mapping.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ShardWriteError, match=message):
+        make_shards(tmp_path / "train", tmp_path / "out", "train", class_mapping=mapping, progress=False)
+    assert main(["make-shards", str(tmp_path / "train"), str(tmp_path / "out"), "--split", "train",
+                 "--class-mapping", str(mapping)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err)
+    assert "Traceback" not in err
+
+
+def test_damaged_plan_file_on_resume(tmp_path: Path) -> None:
+    image_tree(tmp_path / "train", per_class=1)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".out-train.plan.json").write_text("{trunc")
+    with pytest.raises(ShardWriteError, match=r"plan file '[^']+\.out-train\.plan\.json' is not valid JSON .*; "
+                                              r"remove \.out-train\.plan\.json and the split's shards"):
+        make_shards(tmp_path / "train", tmp_path / "out", "train", resume=True, progress=False)
+
+
+def test_output_path_that_is_a_file(tmp_path: Path) -> None:
+    image_tree(tmp_path / "train", per_class=1)
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(ShardWriteError, match=r"cannot create the output directory '[^']+out': .*; pass a "
+                                              "directory path you can write to"):
+        make_shards(tmp_path / "train", tmp_path / "out", "train", progress=False)
+
+
+# --- the CLI summary -------------------------------------------------------------------------------------------
+
+
+def _entry(**changes: object) -> dict:
+    entry = {"name": "train", "num_samples": 36, "filenames": ["a", "b", "c"], "shard_lengths": [12, 12, 12],
+             "skipped_files": [], "non_rgb_jpeg_files": {}, "layout_warnings": []}
+    return {**entry, **changes}
+
+
+@pytest.mark.parametrize(("entry", "lines"), [
+    (_entry(), ["wrote 36 samples of split 'train' into 3 shards (12 samples each) under OUT; index: OUT/_info.json"]),
+    (_entry(num_samples=1, filenames=["a"], shard_lengths=[1]),
+     ["wrote 1 sample of split 'train' into 1 shard (1 samples each) under OUT; index: OUT/_info.json"]),
+    (_entry(num_samples=11, shard_lengths=[5, 5, 1], skipped_files=["x/a.jpg: UnidentifiedImageError: no"]),
+     ["wrote 11 samples of split 'train' into 3 shards (1-5 samples each) under OUT; index: OUT/_info.json",
+      "left out 1 file (listed in the index under skipped_files):", "  x/a.jpg: UnidentifiedImageError: no"]),
+    (_entry(skipped_files=[f"f{i}.jpg: bad" for i in range(7)]),
+     [..., "left out 7 files (listed in the index under skipped_files):",
+      *[f"  f{i}.jpg: bad" for i in range(5)], "  ... and 2 more"]),
+    (_entry(non_rgb_jpeg_files={"JPEG/L": 2, "PNG/RGB": 1}),
+     [..., "kept 2 JPEG/L and 1 PNG/RGB files (converted to RGB when read)"]),
+    (_entry(non_rgb_jpeg_files={"JPEG/CMYK": 1, "JPEG/L": 1, "PNG/RGB": 3}),
+     [..., "kept 3 PNG/RGB, 1 JPEG/CMYK and 1 JPEG/L files (converted to RGB when read)"]),
+    (_entry(non_rgb_jpeg_files={"PNG/RGB": 1}), [..., "kept 1 PNG/RGB file (converted to RGB when read)"]),
+    (_entry(layout_warnings=["one", "two"]), [..., "warning: one", "warning: two"]),
+])
+def test_summary_lines(entry: dict, lines: list) -> None:
+    """``...`` stands for a line the case is not about (the first line, checked by the first cases)."""
+    got = summary_lines(entry, "OUT")
+    assert len(got) == len(lines)
+    for line, want in zip(got, lines, strict=True):
+        assert want is ... or line == want
+
+
+def test_cli_summary_is_readable_text(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "train"
+    image_tree(src, per_class=2)
+    (src / "bird").mkdir()
+    (src / "cat" / "notes.txt").write_text("not an image")
+    (src / "cat" / "gray.JPEG").write_bytes(jpeg_bytes(9, 7, 1, mode="L"))
+    (src / "cat" / "png.JPEG").write_bytes(jpeg_bytes(7, 9, 3, fmt="PNG"))
+    for i in range(7):
+        (src / "dog" / f"broken{i}.JPEG").write_bytes(b"not an image at all")
+    out = tmp_path / "wds"
+    assert main(["make-shards", str(src), str(out), "--split", "train", "--shard-size", "4", "--workers", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "{" not in printed
+    assert "[" not in printed
+    lines = printed.splitlines()
+    assert re.fullmatch(rf"wrote 8 samples of split 'train' into 4 shards \(\d-\d samples each\) under {out}; "
+                        rf"index: {out / INDEX_NAME}", lines[0])
+    assert lines[1:8] == ["left out 7 files (listed in the index under skipped_files):",
+                          *[f"  {src / 'dog' / f'broken{i}.JPEG'}: UnidentifiedImageError: not an image format "
+                            "PIL can read" for i in range(5)], "  ... and 2 more"]
+    assert lines[8] == "kept 1 JPEG/L and 1 PNG/RGB files (converted to RGB when read)"
+    assert [line.split(" of ")[0] for line in lines[9:]] == ["warning: class folders", "warning: files without an "
+                                                             "image extension (.jpg, .jpeg, .png, .bmp, .webp, .tif, "
+                                                             ".tiff, .ppm) in the class folders"]
