@@ -40,18 +40,15 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _make_shards(args: argparse.Namespace) -> int:
-    from gpd_ds.data.shards import make_shards
+    from gpd_ds.data.shards import MAX_IMAGE_PIXELS, make_shards, summary_lines
 
+    # The parser's default is None so that `gpd-ds --help` need not import the shard writer for the number.
+    max_pixels = MAX_IMAGE_PIXELS if args.max_pixels is None else args.max_pixels
     entry = make_shards(args.src, args.out, args.split, shard_size=args.shard_size, workers=args.workers,
                         shuffle_seed=args.shuffle_seed, prefix=args.prefix, class_mapping=args.class_mapping,
-                        resume=args.resume)
-    lengths = entry["shard_lengths"]
-    print(f"wrote {entry['num_samples']} samples of split {args.split!r} into {len(lengths)} shards "
-          f"({min(lengths)}-{max(lengths)} samples each) under {args.out}; index: {Path(args.out) / '_info.json'}")
-    if entry["skipped_files"]:
-        print(f"left out {len(entry['skipped_files'])} unreadable files (listed in the index)")
-    if entry["non_rgb_jpeg_files"]:
-        print(f"kept, converted to RGB when read: {entry['non_rgb_jpeg_files']}")
+                        resume=args.resume, max_pixels=max_pixels, strict=args.strict)
+    for line in summary_lines(entry, args.out):
+        print(line)
     return 0
 
 
@@ -69,7 +66,8 @@ def _export(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from gpd_ds.evaluate import evaluate_artifact
 
-    results = evaluate_artifact(args.path, args.data, args.split, args.batch_size, args.workers, args.weights)
+    results = evaluate_artifact(args.path, args.data, args.split, args.batch_size, args.workers, args.weights,
+                                allow_pipe=args.allow_pipe, max_bad_fraction=args.max_bad_fraction)
     for name, r in results.items():
         print(f"{name:20} top-1 {r['top1']:6.2f}  top-5 {r['top5']:6.2f}  ({r['samples']} images)")
     return 0
@@ -120,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "file with one name per line (default: sorted folder names, or the classes already in OUT)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted conversion with the same "
                    "arguments")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N", help="leave out (and list in the index) images "
+                   "larger than this, width x height judged from the header before decoding (default 89,478,485, "
+                   "PIL's limit)")
+    p.add_argument("--strict", action="store_true", help="refuse a doubtful layout (class folders without "
+                   "images, fewer than 2 classes, split folders such as train/ as classes, non-image files) "
+                   "instead of warning")
     p.set_defaults(func=_make_shards)
 
     sub.add_parser("train", help="train (same arguments as launch/train.py; see gpd-ds train --help)",
@@ -139,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--weights", default="best", choices=["best", "last", "last_ema"], help="for a run directory")
+    p.add_argument("--allow-pipe", action="store_true", help="accept pipe: shard URLs (they run shell commands)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01, help="fail when more than this fraction of "
+                   "the split's samples are bad or lost (default 0.01)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("report", help="PNG plots and an HTML page from runs' metrics.jsonl (overlays several runs)")
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, UserInputError) as e:
+    except UserInputError as e:  # anything else is a bug: its traceback is what a bug report needs
         print(f"gpd-ds {args.command}: error: {e}", file=sys.stderr)
         return 2
 

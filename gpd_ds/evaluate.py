@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from gpd_ds.data.loader import Batch
+from gpd_ds.data.loader import Batch, DataError
 from gpd_ds.data.transforms import DeviceTransform
 from gpd_ds.distributed import all_reduce_sum
 from gpd_ds.progress import Progress
@@ -16,9 +16,14 @@ from gpd_ds.progress import Progress
 @torch.no_grad()
 def evaluate(models: dict[str, Callable[[torch.Tensor], torch.Tensor]], loader: Iterable[Batch],
              transform: DeviceTransform, autocast: Callable[[], contextlib.AbstractContextManager],
-             show_progress: bool = False, num_batches: int | None = None) -> dict[str, dict[str, float]]:
+             show_progress: bool = False, num_batches: int | None = None, expected: int | None = None,
+             max_bad_fraction: float = 0.0, split: str = "the eval split") -> dict[str, dict[str, float]]:
     """``{name: {"top1": %, "top5": %, "samples": n}}`` for each ``name -> logits_fn``. Every sample counts once
-    (the eval loader reads each exactly once across ranks; ranks may see different batch counts)."""
+    (the eval loader reads each exactly once across ranks; ranks may see different batch counts).
+
+    With ``expected`` (the index's sample count), fewer than ``(1 - max_bad_fraction) * expected`` evaluated
+    samples is a :class:`~gpd_ds.data.loader.DataError` on every rank: an accuracy over what was left of a
+    damaged split is not that split's accuracy."""
     device = transform.device
     counts = torch.zeros(len(models), 2, dtype=torch.float64, device=device)
     seen = torch.zeros(1, dtype=torch.float64, device=device)
@@ -38,12 +43,17 @@ def evaluate(models: dict[str, Callable[[torch.Tensor], torch.Tensor]], loader: 
     all_reduce_sum(counts)
     all_reduce_sum(seen)
     n = seen.item()
+    if expected is not None and n < (1 - max_bad_fraction) * expected:
+        raise DataError(f"evaluation read {int(n)} of the {expected} samples the index lists for {split} "
+                        f"({expected - int(n)} bad or lost, over data.max_bad_fraction={max_bad_fraction}); "
+                        "check the shards (the warnings above name each bad sample)")
     return {name: {"top1": 100.0 * counts[i, 0].item() / max(n, 1), "top5": 100.0 * counts[i, 1].item() / max(n, 1),
                    "samples": int(n)} for i, name in enumerate(models)}
 
 
 def evaluate_artifact(path: str, data_root: str, split: str = "val", batch_size: int = 250, workers: int = 4,
-                      weights: str = "best") -> dict[str, dict[str, float]]:
+                      weights: str = "best", allow_pipe: bool = False, max_bad_fraction: float = 0.01
+                      ) -> dict[str, dict[str, float]]:
     """Evaluate an exported student (``.safetensors`` + sidecar) or a run directory (its student and dynamic
     teacher) on the shards of ``split`` under ``data_root``, on one device."""
     from pathlib import Path
@@ -53,7 +63,7 @@ def evaluate_artifact(path: str, data_root: str, split: str = "val", batch_size:
     from gpd_ds.export import load_exported, rebuild, run_record, run_weights
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shards = resolve_shards(data_root, split)
+    shards = resolve_shards(data_root, split, allow_pipe=allow_pipe)
     target = Path(path)
     if target.is_dir():
         record = run_record(target)
@@ -77,6 +87,8 @@ def evaluate_artifact(path: str, data_root: str, split: str = "val", batch_size:
         raise ExportError(f"the classes of {data_root!r} ({len(shards.classes)}) differ from the model's "
                           f"({len(classes)}); evaluate on the dataset it was trained for")
     loader = eval_loader(shards, batch_size=batch_size, rank=0, world_size=1, num_workers=workers,
-                         transform=eval_transform(size, crop_pct, interpolation))
+                         transform=eval_transform(size, crop_pct, interpolation), max_bad_fraction=max_bad_fraction)
     transform = DeviceTransform(len(classes), device, mean=tuple(mean), std=tuple(std))
-    return evaluate(models, loader, transform, contextlib.nullcontext, show_progress=True)
+    return evaluate(models, loader, transform, contextlib.nullcontext, show_progress=True,
+                    expected=shards.num_samples, max_bad_fraction=max_bad_fraction,
+                    split=f"split {split!r} of {data_root!r}")

@@ -60,9 +60,10 @@ def run_weights(run_dir: Path, which: str) -> tuple[dict[str, torch.Tensor], dic
     run_dir = Path(run_dir)
     if which == "best":
         best = run_dir / "best" / "model.safetensors"
-        if best.is_file():
-            return read_safetensors(best), json.loads((run_dir / "best" / "best.json").read_text())
-        which = "last"  # no evaluation has run yet: nothing is "best"
+        if not best.is_file():
+            raise ExportError(f"{str(run_dir)!r} has no best weights ({best} is written by the first evaluation); "
+                              "export the newest checkpoint with --weights last (or last_ema)")
+        return read_safetensors(best), json.loads((run_dir / "best" / "best.json").read_text())
     if which not in ("last", "last_ema"):
         raise ExportError(f"--weights {which!r} is unknown; use best, last or last_ema")
     found = complete_checkpoints(run_dir / "checkpoints")

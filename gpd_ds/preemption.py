@@ -14,12 +14,18 @@ Agreement: every ``run.stop_check_steps`` optimizer steps the ranks exchange the
 all-reduce over a CPU (gloo) group, so the check never synchronises the GPU and costs one message per interval.
 
 Data loader workers ignore these signals (:func:`ignore_stop_signals` is their ``worker_init_fn``): SIGTERM sent
-to the whole process tree must not kill a worker, which would abort the rank in the middle of its save.
+to the whole process tree must not kill a worker, which would abort the rank in the middle of its save. The
+price: at exit, multiprocessing stops the daemonic workers a DataLoader left running (an exception raised
+mid-epoch keeps its iterator alive in the traceback) with a SIGTERM they ignore, and then waits for them forever;
+so an exit handler kills them first (:func:`_kill_leftover_workers`).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
+import multiprocessing.util  # registers its exit handler before ours below, so ours runs first
 import os
 import signal
 from pathlib import Path
@@ -47,6 +53,17 @@ def ignore_stop_signals(_worker_id: int | None = None) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+def _kill_leftover_workers() -> None:
+    """Kill this process's daemonic children (loader workers; they ignore SIGTERM) before multiprocessing's own
+    exit handler joins them (exit handlers run last registered, first run)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_kill_leftover_workers)
+
+
 def describe(codes: list[int]) -> str:
     """What asked for the stop, from every rank's :meth:`StopRequest.local_code` (e.g. ``SIGTERM on ranks [0, 1]``)."""
     asked = [(rank, code) for rank, code in enumerate(codes) if code]
@@ -64,12 +81,21 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._runner: tuple[int, float] | None = None
+        self._previous: dict[int, object] = {}
 
     def install(self) -> StopRequest:
         for s in STOP_SIGNALS:
-            signal.signal(s, self._on_signal)
+            self._previous[s] = signal.signal(s, self._on_signal)
         self._runner = _deepspeed_runner()
         return self
+
+    def uninstall(self) -> None:
+        """Restore the handlers :meth:`install` replaced: processes forked later (a multiprocessing pool's
+        workers) would otherwise inherit a SIGTERM handler that only records a request, and outlive a
+        ``terminate()``."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
     def _on_signal(self, signum: int, _frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:

@@ -222,16 +222,18 @@ def _assemble(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> _Run:
         loader = distributed.on_all_ranks(lambda: MemoryTrainLoader(
             train_shards, batch_size=micro, rank=info.rank, world_size=info.world_size, transform=transform,
             num_workers=cfg.data.workers, seed=cfg.run.seed, max_bad_fraction=cfg.data.max_bad_fraction,
-            max_gb=cfg.data.in_memory_max_gb, show_progress=info.is_main), "decoding the train split into memory")
+            max_gb=cfg.data.in_memory_max_gb, max_pixels=cfg.data.max_image_pixels, show_progress=info.is_main),
+            "decoding the train split into memory")
     else:
         loader = TrainLoader(train_shards, batch_size=micro, rank=info.rank, world_size=info.world_size,
                              transform=transform, num_workers=cfg.data.workers, seed=cfg.run.seed,
                              shuffle_buffer=cfg.data.shuffle_buffer, max_bad_fraction=cfg.data.max_bad_fraction,
-                             pin_memory=info.device.type == "cuda")
+                             max_pixels=cfg.data.max_image_pixels, pin_memory=info.device.type == "cuda")
     steps_per_epoch = len(loader) // accumulation
     if steps_per_epoch == 0:
         raise ConfigError(f"one epoch makes {len(loader)} micro-batches per rank, fewer than the "
-                          f"{accumulation} accumulation steps of one optimizer step; lower the batch size")
+                          f"{accumulation} accumulation steps of one optimizer step; lower optim.global_batch_size "
+                          "(one optimizer step needs more samples than an epoch gives each rank)")
     total_steps = steps_per_epoch * cfg.optim.epochs
     lr = effective_lr(cfg, ds["train_batch_size"])
     model = model.to(info.device)
@@ -282,8 +284,11 @@ def _evaluate(r: _Run, cfg: TrainConfig, info: DistInfo, static_metrics: dict | 
         models["static_teacher"] = r.static_teacher
     r.engine.module.eval()
     val = eval_loader(r.val_shards, batch_size=cfg.data.eval_batch_size, rank=info.rank, world_size=info.world_size,
-                      transform=r.eval_tf, num_workers=cfg.data.workers, max_bad_fraction=cfg.data.max_bad_fraction)
-    result = evaluate(models, val, r.device_tf, r.autocast, show_progress=info.is_main)
+                      transform=r.eval_tf, num_workers=cfg.data.workers, max_bad_fraction=cfg.data.max_bad_fraction,
+                      max_pixels=cfg.data.max_image_pixels)
+    result = evaluate(models, val, r.device_tf, r.autocast, show_progress=info.is_main,
+                      expected=r.val_shards.num_samples, max_bad_fraction=cfg.data.max_bad_fraction,
+                      split=f"split {cfg.data.val_split!r}")
     r.engine.module.train()
     if static_metrics is not None:
         result["static_teacher"] = static_metrics
@@ -548,6 +553,16 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
+def _log_to_files(message: str, exc_info=None) -> None:
+    """Write ``message`` (and a traceback) to RUN_DIR/logs/rankN.log only: the console already shows the error,
+    and on a cluster the rank logs are where a failed job is read afterwards. Before logging is set up there is
+    no rank log, and nothing to do."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, exc_info)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def _run_dir(args: argparse.Namespace, cfg: TrainConfig) -> Path:
     if args.run_dir:
         return Path(args.run_dir)
@@ -639,7 +654,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PREEMPTED
     except UserInputError as e:
         print(f"gpd-ds train: error: {e}", file=sys.stderr)
+        _log_to_files(f"stopped: {e}")
         return 2
+    except Exception:  # a bug or an environment failure: keep the traceback, on stderr and in the rank's log
+        _log_to_files("failed with an unexpected error", exc_info=sys.exc_info())
+        raise
+    finally:
+        stop.uninstall()
     if info.is_main:
         _print_summary(result, cfg)
     return 0

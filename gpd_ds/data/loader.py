@@ -17,20 +17,24 @@ Train (``TrainLoader``), decisions and why:
   seeded per sample (``seed, epoch, rank, worker, position``). Each batch carries its worker's stream position,
   so :meth:`TrainLoader.state_dict` knows exactly where every worker stopped; a resumed loader skips that many
   samples per worker without decoding them and continues with the same batches an uninterrupted run would see.
-* **Bad data does not stop a run**: an undecodable sample (truncated JPEG, zero-byte member, missing image or
-  label) is skipped, counted and logged with its shard and key; a truncated shard is read up to the damage with
-  a warning; above ``max_bad_fraction`` of the samples a worker aborts with a clear error. There is no sleeping.
+* **Bad data does not stop a run, and nothing goes uncounted**: an undecodable sample (truncated JPEG, zero-byte
+  member, missing image or label, a repeated member, an image over ``data.max_image_pixels`` judged from its
+  header) is skipped, counted and logged with its shard and key; a damaged shard (truncated, zero bytes) is read
+  up to the damage and its missing samples count as bad. Every shard read yields exactly its index count
+  (read + bad = expected); an intact shard holding a different count is an error naming it (the index is wrong).
+  One rule judges the rate for every loader (:class:`BadRate`): more than ``max_bad_fraction`` bad stops the
+  run, checked on each bad sample once ``BAD_RATE_MIN_SAMPLES`` were read and over the whole epoch at its end.
+  A worker's error reaches the trainer as the error it is (:class:`LoaderFailure`), not a wrapped traceback.
 * Workers emit uint8 batches; normalisation, random erasing and mixup run on the device
   (:mod:`gpd_ds.data.transforms`).
 
 Eval (``eval_loader``): shards in a fixed order, shard ``j`` to slot ``j % (ranks * workers)``, every sample read
 exactly once, last batch partial; ranks may get different batch counts, so evaluation sums its counts locally and
-reduces once at the end.
+reduces once at the end, and fails when fewer than ``1 - max_bad_fraction`` of the index's samples were evaluated.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import tarfile
@@ -46,7 +50,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
-from gpd_ds.data.shards import INDEX_NAME
+from gpd_ds.data.shards import INDEX_NAME, MAX_IMAGE_PIXELS, image_header, parse_index
 from gpd_ds.errors import UserInputError
 from gpd_ds.preemption import ignore_stop_signals
 
@@ -90,6 +94,20 @@ def _is_remote(url: str) -> bool:
     return url.startswith(_REMOTE)
 
 
+def _is_pipe(url: str) -> bool:
+    return url.startswith("pipe:")
+
+
+def _check_scheme(url: str, allow_pipe: bool) -> None:
+    """``pipe:`` URLs run a shell command (webdataset's convention): only with ``data.allow_pipe``, and only in
+    lower case, which is the only spelling webdataset runs (``PIPE:x`` would be read as a file path)."""
+    if url[:5].lower() == "pipe:" and not _is_pipe(url):
+        raise DataError(f"shard URL {url!r}: write the pipe prefix in lower case, 'pipe:'")
+    if _is_pipe(url) and not allow_pipe:
+        raise DataError(f"shard URL {url!r} runs a shell command; if you trust it, allow it with --set "
+                        "data.allow_pipe=true (gpd-ds train) or --allow-pipe (gpd-ds eval)")
+
+
 def _read_text(url: str) -> str:
     with wds.gopen(url, "rb") as f:
         return f.read().decode()
@@ -100,11 +118,21 @@ def _dirname(url: str) -> str:
 
 
 def _load_index(root: str) -> dict:
+    """The validated ``_info.json`` under ``root`` (a directory, a URL, or a ``pipe:`` command prefix: the index
+    is read with the same command as the shards, ``pipe:CMD ROOT/_info.json``)."""
     url = f"{root.rstrip('/')}/{INDEX_NAME}"
-    if not _is_remote(url) and not Path(url).is_file():
+    if not _is_remote(url) and not _is_pipe(url) and not Path(url).is_file():
         raise DataError(f"no dataset index at {url!r}; write shards with `gpd-ds make-shards` (it writes "
                         f"{INDEX_NAME} with the sample counts the loader needs)")
-    return json.loads(_read_text(url))
+    try:
+        text = _read_text(url)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read the dataset index {url!r}: {e}") from e
+    index = parse_index(text, repr(url), DataError)
+    for field in ("classes", "splits"):
+        if field not in index:
+            raise DataError(f"dataset index {url!r} has no {field!r} field; re-create it with `gpd-ds make-shards`")
+    return index
 
 
 def resolve_shards(spec: str, split: str | None = None, *, allow_pipe: bool = False) -> ShardList:
@@ -114,9 +142,11 @@ def resolve_shards(spec: str, split: str | None = None, *, allow_pipe: bool = Fa
     * a brace pattern (``/data/in1k-train-{000000..001281}.tar``), a single ``.tar``, or ``@list.txt`` (one URL
       per line); their counts come from the ``_info.json`` beside the first shard.
 
-    ``pipe:`` URLs run shell commands and are refused unless ``allow_pipe``.
+    ``pipe:`` URLs and roots (``pipe:curl -sf https://host/in1k-wds``, a command that prints the file whose
+    path or URL ends it) run shell commands and are refused unless ``allow_pipe``.
     """
     spec = spec.strip()
+    _check_scheme(spec, allow_pipe)
     if spec.startswith("@"):
         list_file = Path(spec[1:])
         if not list_file.is_file():
@@ -133,45 +163,91 @@ def resolve_shards(spec: str, split: str | None = None, *, allow_pipe: bool = Fa
         urls = [f"{root}/{name}" for name in splits[split]["filenames"]]
     if not urls:
         raise DataError(f"shard spec {spec!r} names no shards")
-    piped = [u for u in urls if u.startswith("pipe:")]
-    if piped and not allow_pipe:
-        raise DataError(f"shard URL {piped[0]!r} runs a shell command; pass allow_pipe=True (--allow-pipe) if you "
-                        "trust it")
-    missing = [u for u in urls if not _is_remote(u) and not u.startswith("pipe:") and not Path(u).is_file()]
+    for url in urls:
+        _check_scheme(url, allow_pipe)
+    missing = [u for u in urls if not _is_remote(u) and not _is_pipe(u) and not Path(u).is_file()]
     if missing:
         raise DataError(f"shard spec {spec!r} matches nothing at {missing[0]!r} ({len(missing)} of {len(urls)} "
                         "missing)")
-    index = _load_index(_dirname(urls[0]) if not urls[0].startswith("pipe:") else spec)
+    index = _load_index(_dirname(urls[0]))
     length_of = {}
     for entry in index.get("splits", {}).values():
         length_of.update(zip(entry["filenames"], entry["shard_lengths"], strict=True))
     unknown = [u for u in urls if u.rsplit("/", 1)[-1] not in length_of]
     if unknown:
         raise DataError(f"shard {unknown[0]!r} is not listed in the index beside it; its sample count is unknown")
-    return ShardList(tuple(urls), tuple(length_of[u.rsplit("/", 1)[-1]] for u in urls), tuple(index["classes"]))
+    shards = ShardList(tuple(urls), tuple(length_of[u.rsplit("/", 1)[-1]] for u in urls), tuple(index["classes"]))
+    if shards.num_samples == 0:
+        raise DataError(f"shard spec {spec!r}{f' (split {split!r})' if split else ''} holds no samples by its "
+                        "index; write the split with `gpd-ds make-shards`")
+    return shards
 
 
-def iter_shard(url: str) -> Iterator[dict]:
-    """Samples (dicts of member bytes keyed by extension, plus ``__key__`` and ``__url__``) of one shard.
+def _group(files: Iterator[dict], url: str) -> Iterator[dict]:
+    """Tar members -> samples (consecutive members sharing a key), as webdataset groups them, except that a
+    repeated member makes its one sample bad instead of ending the shard."""
+    current: dict | None = None
+    for f in files:
+        key, suffix = wds.tariterators.base_plus_ext(f["fname"])
+        if key is None:
+            continue
+        suffix = suffix.lower()
+        if current is None or key != current["__key__"]:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": url}
+        if suffix in current:
+            current["__bad__"] = f"repeated member .{suffix}"
+        current[suffix] = f["data"]
+    if current is not None:
+        yield current
 
-    A truncated or damaged shard yields what it can and then stops with a warning."""
+
+def iter_shard(url: str, expected: int | None = None) -> Iterator[dict]:
+    """Exactly ``expected`` samples (the index's count for the shard): dicts of member bytes keyed by extension,
+    plus ``__key__`` and ``__url__``; a sample that cannot be used carries its reason in ``__bad__``.
+
+    So a split's samples always add up to its index: read + bad = expected.
+
+    * A damaged shard (truncated, zero bytes, unreadable) yields what it can, warns, and then yields its missing
+      samples as bad ones: counted, never silently lost.
+    * An intact shard that holds more or fewer samples than its index entry says stops with a
+      :class:`DataError` naming the shard: the index is wrong, and so would be every count derived from it
+      (batches per epoch, evaluation coverage).
+
+    Without ``expected`` (inspecting a shard) it yields what is there and warns at damage."""
     count = 0
     try:
         with wds.gopen(url, "rb") as stream:
-            files = ({**f, "__url__": url} for f in wds.tariterators.tar_file_iterator(stream))
-            for sample in wds.tariterators.group_by_keys(files):
+            for sample in _group(wds.tariterators.tar_file_iterator(stream), url):
                 count += 1
+                if expected is not None and count > expected:
+                    raise DataError(f"shard {url!r} holds more samples than the {expected} its index entry says; "
+                                    "the index does not describe these shards: re-create it with `gpd-ds "
+                                    "make-shards`")
                 yield sample
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        log.warning("shard %s is damaged after %d samples (%s: %s); skipping the rest of it", url, count,
-                    type(e).__name__, e)
+        lost = f"; the other {expected - count} of its {expected} count as bad" if expected is not None else ""
+        log.warning("shard %s is damaged after %d samples (%s: %s)%s", url, count, type(e).__name__, str(e)[:200],
+                    lost)
+        name = url.rsplit("/", 1)[-1]
+        for i in range(count, expected or 0):
+            yield {"__key__": f"{name}#{i}", "__url__": url, "__bad__": f"lost: the shard is damaged after "
+                   f"{count} samples ({type(e).__name__})"}
+        return
+    if expected is not None and count != expected:
+        raise DataError(f"shard {url!r} holds {count} samples but its index entry says {expected}; the index "
+                        "does not describe these shards: re-create it with `gpd-ds make-shards`")
 
 
-def decode(sample: dict, num_classes: int) -> tuple[torch.Tensor, int]:
+def decode(sample: dict, num_classes: int, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, int]:
     """(3, H, W) uint8 RGB image and label of one sample; raises :class:`BadSample` with the reason.
 
     torchvision (libjpeg-turbo) reads by content, so a PNG named .jpg is fine, and converts grayscale and CMYK
-    to RGB; a truncated JPEG raises."""
+    to RGB; a truncated JPEG raises. An image over ``max_pixels`` (width x height, from its header) is refused
+    before anything is decoded."""
+    if "__bad__" in sample:
+        raise BadSample(sample["__bad__"])
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if image_key is None:
         found = sorted(k for k in sample if not k.startswith("__"))
@@ -187,6 +263,13 @@ def decode(sample: dict, num_classes: int) -> tuple[torch.Tensor, int]:
     data = sample[image_key]
     if not data:
         raise BadSample(f"zero-byte .{image_key}")
+    try:
+        _, _, width, height = image_header(data)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadSample(f"cannot identify .{image_key} as an image: {str(e)[:200]}") from e
+    if width * height > max_pixels:
+        raise BadSample(f".{image_key} is {width}x{height} = {width * height:,} pixels, over "
+                        f"data.max_image_pixels={max_pixels:,}")
     try:
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB), label
     except (RuntimeError, ValueError) as e:
@@ -212,10 +295,19 @@ def _mix(*values: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-class _BadCounter:
-    def __init__(self, max_fraction: float, min_samples: int, where: str) -> None:
-        self.bad = self.seen = 0
-        self.max_fraction, self.min_samples, self.where = max_fraction, min_samples, where
+# The bad-sample rule's minimum: before this many samples a reader judges nothing on its own (the first sample
+# being bad would be a 100% rate); at the end of an epoch or an evaluation the whole of it is judged regardless.
+BAD_RATE_MIN_SAMPLES = 200
+
+
+class BadRate:
+    """The one bad-sample rule of every loader (streaming train, in-memory, eval): each bad sample is logged
+    with its shard and key and counted; the run stops with a :class:`DataError` when more than ``max_fraction``
+    of the samples read so far were bad: checked on every bad sample once ``BAD_RATE_MIN_SAMPLES`` were read,
+    and over everything read at the end of each epoch / evaluation (``check(final=True)``)."""
+
+    def __init__(self, max_fraction: float, where: str, seen: int = 0, bad: int = 0) -> None:
+        self.max_fraction, self.where, self.seen, self.bad = max_fraction, where, seen, bad
 
     def good(self) -> None:
         self.seen += 1
@@ -224,10 +316,44 @@ class _BadCounter:
         self.seen += 1
         self.bad += 1
         log.warning("skipping bad sample %r in %s: %s", sample.get("__key__"), sample.get("__url__"), reason)
-        if self.seen >= self.min_samples and self.bad > self.max_fraction * self.seen:
+        self.check()
+
+    def check(self, final: bool = False) -> None:
+        if (final or self.seen >= BAD_RATE_MIN_SAMPLES) and self.bad > self.max_fraction * self.seen:
             raise DataError(
-                f"{self.bad} of {self.seen} samples read by {self.where} were bad (> max_bad_fraction "
-                f"{self.max_fraction}); check the shards (see the warnings above) or raise max_bad_fraction")
+                f"{self.bad} of {self.seen} samples read by {self.where} were bad (> data.max_bad_fraction="
+                f"{self.max_fraction}); check the shards (the warnings above name each bad sample), or raise "
+                "data.max_bad_fraction")
+
+
+class LoaderFailure(NamedTuple):
+    """A :class:`DataError` raised in a loader worker, sent as an item: the DataLoader would re-raise it wrapped
+    ("Caught DataError in DataLoader worker process 0", the real message at the end of a traceback)."""
+
+    message: str
+
+
+def _failures_as_items(batches: Iterator[Batch]) -> Iterator[Batch | LoaderFailure]:
+    try:
+        yield from batches
+    except DataError as e:
+        yield LoaderFailure(str(e))
+
+
+def raise_failures(loader: DataLoader) -> Iterator[Batch]:
+    """The batches of a DataLoader over a loader dataset; a worker's :class:`LoaderFailure` is raised here as
+    the :class:`DataError` it was, with its own message, after the workers are shut down (the traceback of the
+    error would otherwise keep them alive)."""
+    batches = iter(loader)
+    failure = None
+    for item in batches:
+        if isinstance(item, LoaderFailure):
+            failure = item
+            break
+        yield item
+    del batches  # the DataLoader iterator's last reference: it stops its workers now
+    if failure is not None:
+        raise DataError(failure.message)
 
 
 def _stack(images: list[torch.Tensor], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,11 +370,11 @@ class TrainShards(IterableDataset):
 
     def __init__(self, shards: ShardList, *, batch_size: int, rank: int, world_size: int, num_workers: int,
                  seed: int, transform: Callable, shuffle_buffer: int, max_bad_fraction: float,
-                 min_samples_for_rate: int) -> None:
+                 max_pixels: int) -> None:
         self.shards, self.batch_size, self.rank, self.world_size = shards, batch_size, rank, world_size
         self.workers = max(1, num_workers)
         self.seed, self.transform, self.shuffle_buffer = seed, transform, shuffle_buffer
-        self.max_bad_fraction, self.min_samples_for_rate = max_bad_fraction, min_samples_for_rate
+        self.max_bad_fraction, self.max_pixels = max_bad_fraction, max_pixels
         self.epoch, self.start_batch = 0, 0
         self.start_positions, self.start_bad = [0] * self.workers, [0] * self.workers
 
@@ -260,8 +386,8 @@ class TrainShards(IterableDataset):
         smallest_share = sum(sorted(self.shards.lengths)[:per_slot])
         return self.workers * (smallest_share // self.batch_size)
 
-    def _own_shards(self, worker: int) -> list[str]:
-        order = list(self.shards.urls)
+    def _own_shards(self, worker: int) -> list[tuple[str, int]]:
+        order = list(zip(self.shards.urls, self.shards.lengths, strict=True))
         random.Random(_mix(self.seed, self.epoch)).shuffle(order)
         slot, slots = self.rank * self.workers + worker, self.world_size * self.workers
         return order[slot::slots]
@@ -275,8 +401,8 @@ class TrainShards(IterableDataset):
         rng = random.Random(_mix(self.seed, self.epoch, self.rank, worker, 1))
         for passes in range(1000):
             buffer: list[dict] = []
-            for url in own:
-                for sample in iter_shard(url):
+            for url, length in own:
+                for sample in iter_shard(url, length):
                     if len(buffer) < self.shuffle_buffer:
                         buffer.append(sample)
                         continue
@@ -284,13 +410,17 @@ class TrainShards(IterableDataset):
                     buffer[j], sample = sample, buffer[j]
                     yield sample
             if not buffer and passes == 0:
-                raise DataError(f"rank {self.rank} worker {worker}: no readable samples in its shards {own[:3]}")
+                raise DataError(f"rank {self.rank} worker {worker}: no samples in its shards "
+                                f"{[url for url, _ in own[:3]]}")
             rng.shuffle(buffer)
             yield from buffer
             rng.shuffle(own)
         raise DataError(f"rank {self.rank} worker {worker} read its shards 1000 times without filling its quota")
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | LoaderFailure]:
+        return _failures_as_items(self._batches())
+
+    def _batches(self) -> Iterator[Batch]:
         physical, num_workers = _worker()
         if num_workers != self.workers:
             raise DataError(f"TrainShards was built for {self.workers} workers but runs in {num_workers}")
@@ -302,8 +432,7 @@ class TrainShards(IterableDataset):
         if done >= quota:
             return
         start = self.start_positions[worker]
-        counter = _BadCounter(self.max_bad_fraction, self.min_samples_for_rate, f"rank {self.rank} worker {worker}")
-        counter.bad = self.start_bad[worker]
+        counter = BadRate(self.max_bad_fraction, f"rank {self.rank} worker {worker}", start, self.start_bad[worker])
         base = _mix(self.seed, self.epoch, self.rank, worker, 2)
         num_classes = len(self.shards.classes)
         images, labels, keys = [], [], []
@@ -311,7 +440,7 @@ class TrainShards(IterableDataset):
             if position < start:
                 continue
             try:
-                image, label = decode(sample, num_classes)
+                image, label = decode(sample, num_classes, self.max_pixels)
             except BadSample as e:
                 counter.record(sample, e)
                 continue
@@ -333,20 +462,23 @@ class TrainLoader:
 
     def __init__(self, shards: ShardList, *, batch_size: int, rank: int, world_size: int, transform: Callable,
                  num_workers: int = 4, seed: int = 0, shuffle_buffer: int = 1000, max_bad_fraction: float = 0.01,
-                 min_samples_for_rate: int = 200, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+                 max_pixels: int = MAX_IMAGE_PIXELS, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
         slots = world_size * max(1, num_workers)
         if len(shards.urls) < slots:
             raise DataError(f"{len(shards.urls)} shards cannot feed {world_size} ranks x {max(1, num_workers)} "
-                            f"workers = {slots} readers; write smaller shards (--shard-size) or use fewer workers")
+                            f"workers = {slots} readers; write smaller shards (make-shards --shard-size) or lower "
+                            "data.workers")
         if batch_size < 1:
             raise DataError(f"batch_size {batch_size} must be >= 1")
         self.dataset = TrainShards(shards, batch_size=batch_size, rank=rank, world_size=world_size,
                                    num_workers=num_workers, seed=seed, transform=transform,
                                    shuffle_buffer=shuffle_buffer, max_bad_fraction=max_bad_fraction,
-                                   min_samples_for_rate=min_samples_for_rate)
+                                   max_pixels=max_pixels)
         if self.dataset.batches_per_epoch == 0:
             raise DataError(f"{len(shards.urls)} shards of {min(shards.lengths)}+ samples make no full batch of "
-                            f"{batch_size} per worker for {slots} readers; lower the batch size or the workers")
+                            f"{batch_size} per worker for {slots} readers; lower optim.global_batch_size (the micro "
+                            "batch per rank is global / ranks / accumulation) or data.workers")
+        self.max_bad_fraction = max_bad_fraction
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
         self.epoch, self.batch, self.positions, self.bad = 0, 0, [0] * max(1, num_workers), [0] * max(1, num_workers)
 
@@ -369,11 +501,14 @@ class TrainLoader:
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             worker_init_fn=ignore_stop_signals)
-        for batch in loader:
+        for batch in raise_failures(loader):
             self.positions[batch.worker] = batch.position
             self.bad[batch.worker] = batch.bad_samples
             self.batch += 1
             yield batch
+        if self.batch >= len(self):  # the whole epoch, all workers together
+            BadRate(self.max_bad_fraction, f"rank {ds.rank} in epoch {self.epoch}", sum(self.positions),
+                    sum(self.bad)).check(final=True)
 
     @property
     def bad_samples(self) -> int:
@@ -405,21 +540,24 @@ class EvalShards(IterableDataset):
     """Every sample of the split exactly once across ranks and workers; last batch partial."""
 
     def __init__(self, shards: ShardList, *, batch_size: int, rank: int, world_size: int, transform: Callable,
-                 max_bad_fraction: float, min_samples_for_rate: int) -> None:
+                 max_bad_fraction: float, max_pixels: int) -> None:
         self.shards, self.batch_size, self.rank, self.world_size = shards, batch_size, rank, world_size
-        self.transform, self.max_bad_fraction, self.min_samples_for_rate = (transform, max_bad_fraction,
-                                                                            min_samples_for_rate)
+        self.transform, self.max_bad_fraction, self.max_pixels = transform, max_bad_fraction, max_pixels
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | LoaderFailure]:
+        return _failures_as_items(self._batches())
+
+    def _batches(self) -> Iterator[Batch]:
         worker, workers = _worker()
         slot, slots = self.rank * workers + worker, self.world_size * workers
-        counter = _BadCounter(self.max_bad_fraction, self.min_samples_for_rate, f"eval rank {self.rank}")
+        counter = BadRate(self.max_bad_fraction, f"eval rank {self.rank} worker {worker}")
         images, labels, keys, position = [], [], [], 0
-        for url in self.shards.urls[slot::slots]:
-            for sample in iter_shard(url):
+        own = list(zip(self.shards.urls, self.shards.lengths, strict=True))[slot::slots]
+        for url, length in own:
+            for sample in iter_shard(url, length):
                 position += 1
                 try:
-                    image, label = decode(sample, len(self.shards.classes))
+                    image, label = decode(sample, len(self.shards.classes), self.max_pixels)
                 except BadSample as e:
                     counter.record(sample, e)
                     continue
@@ -435,10 +573,15 @@ class EvalShards(IterableDataset):
 
 
 def eval_loader(shards: ShardList, *, batch_size: int, rank: int, world_size: int, transform: Callable,
-                num_workers: int = 4, max_bad_fraction: float = 0.01, min_samples_for_rate: int = 200,
-                pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over ``shards`` that reads every sample exactly once across ranks and workers."""
+                num_workers: int = 4, max_bad_fraction: float = 0.01, max_pixels: int = MAX_IMAGE_PIXELS,
+                pin_memory: bool = False) -> Iterator[Batch]:
+    """The batches of ``shards``, every sample read exactly once across ranks and workers (iterate once).
+
+    Evaluation then checks the whole (:func:`gpd_ds.evaluate.evaluate`): fewer than ``1 - max_bad_fraction`` of
+    the index's samples evaluated is an error."""
+    if batch_size < 1:
+        raise DataError(f"eval batch size {batch_size} must be >= 1 (data.eval_batch_size)")
     dataset = EvalShards(shards, batch_size=batch_size, rank=rank, world_size=world_size, transform=transform,
-                         max_bad_fraction=max_bad_fraction, min_samples_for_rate=min_samples_for_rate)
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      worker_init_fn=ignore_stop_signals)
+                         max_bad_fraction=max_bad_fraction, max_pixels=max_pixels)
+    return raise_failures(DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                     worker_init_fn=ignore_stop_signals))

@@ -9,7 +9,8 @@ draws batches from a per-epoch permutation. It has the streaming loader's interf
   the epoch's permutation; the tail is dropped);
 * the order depends only on (seed, epoch) and augmentation is seeded per batch (seed, epoch, rank, batch), so a
   run is deterministic and a resumed run continues with exactly the batches an uninterrupted one would see;
-* undecodable samples are skipped and counted at load, with the same ``max_bad_fraction`` limit.
+* undecodable samples are skipped and counted at load, under the same rule as the streaming loader
+  (:class:`~gpd_ds.data.loader.BadRate`): loaded + bad = the index's count.
 
 Turn it on with ``data.in_memory=true``; it refuses a split whose decoded size exceeds ``data.in_memory_max_gb``.
 """
@@ -26,30 +27,32 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gpd_ds.data.loader import (
+    BadRate,
     BadSample,
     Batch,
     DataError,
     ShardList,
-    _BadCounter,
     _mix,
     _seed_everything,
     _stack,
     decode,
     iter_shard,
 )
+from gpd_ds.data.shards import MAX_IMAGE_PIXELS
 from gpd_ds.preemption import ignore_stop_signals
 from gpd_ds.progress import Progress
 
 log = logging.getLogger(__name__)
 
 
-def _decode_shard(url: str, num_classes: int) -> tuple[list[np.ndarray], list[int], list[tuple[str, str]]]:
+def _decode_shard(url: str, length: int, num_classes: int, max_pixels: int
+                  ) -> tuple[list[np.ndarray], list[int], list[tuple[str, str]]]:
     """Runs in a pool process. Returns numpy arrays: torch would pass each tensor back through a shared-memory
     file descriptor, and tens of thousands of them exhaust the descriptor limit."""
     images, labels, bad = [], [], []
-    for sample in iter_shard(url):
+    for sample in iter_shard(url, length):
         try:
-            image, label = decode(sample, num_classes)
+            image, label = decode(sample, num_classes, max_pixels)
         except BadSample as e:
             bad.append((sample.get("__key__", "?"), str(e)))
             continue
@@ -59,15 +62,16 @@ def _decode_shard(url: str, num_classes: int) -> tuple[list[np.ndarray], list[in
 
 
 def load_split(shards: ShardList, *, workers: int, max_gb: float, max_bad_fraction: float,
-               show_progress: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+               max_pixels: int = MAX_IMAGE_PIXELS, show_progress: bool = False
+               ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Decode every sample of ``shards``: (images as (3, H, W) uint8 tensors, labels)."""
     images: list[torch.Tensor] = []
     labels: list[int] = []
-    counter = _BadCounter(max_bad_fraction, 0, "the in-memory loader")
-    num_classes = len(shards.classes)
+    counter = BadRate(max_bad_fraction, "the in-memory loader")
+    n = len(shards.urls)
     with (Progress(shards.num_samples, "decoding into memory", unit="img", enabled=show_progress) as bar,
           ProcessPoolExecutor(max(1, workers), initializer=ignore_stop_signals) as pool):
-        decoded = pool.map(_decode_shard, shards.urls, [num_classes] * len(shards.urls))
+        decoded = pool.map(_decode_shard, shards.urls, shards.lengths, [len(shards.classes)] * n, [max_pixels] * n)
         for url, (imgs, labs, bad) in zip(shards.urls, decoded, strict=True):
             counter.seen += len(imgs)  # the shard's good samples count before its bad ones are judged
             for key, reason in bad:
@@ -80,8 +84,7 @@ def load_split(shards: ShardList, *, workers: int, max_gb: float, max_bad_fracti
             images += [torch.from_numpy(i) for i in imgs]
             labels += labs
             bar.update(len(imgs) + len(bad))
-    if not images:
-        raise DataError(f"no readable samples in {shards.urls[:3]}...")
+    counter.check(final=True)
     return images, torch.tensor(labels, dtype=torch.int64)
 
 
@@ -107,18 +110,19 @@ class MemoryTrainLoader:
 
     def __init__(self, shards: ShardList, *, batch_size: int, rank: int, world_size: int, transform: Callable,
                  num_workers: int = 2, seed: int = 0, max_bad_fraction: float = 0.01, max_gb: float = 8.0,
-                 show_progress: bool = False) -> None:
+                 max_pixels: int = MAX_IMAGE_PIXELS, show_progress: bool = False) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size {batch_size} must be >= 1")
         self.images, self.labels = load_split(shards, workers=num_workers, max_gb=max_gb,
-                                              max_bad_fraction=max_bad_fraction, show_progress=show_progress)
+                                              max_bad_fraction=max_bad_fraction, max_pixels=max_pixels,
+                                              show_progress=show_progress)
         self.bad_samples = shards.num_samples - len(self.images)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.transform, self.num_workers, self.seed = transform, num_workers, seed
         self.epoch, self.batch = 0, 0
         if len(self) == 0:
             raise DataError(f"{len(self.images)} samples make no full batch of {batch_size} on each of "
-                            f"{world_size} ranks; lower the batch size")
+                            f"{world_size} ranks; lower optim.global_batch_size")
 
     def __len__(self) -> int:
         return len(self.images) // self.world_size // self.batch_size

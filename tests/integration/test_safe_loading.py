@@ -133,8 +133,14 @@ def test_export_and_eval_refuse_a_payload_in_the_last_checkpoint(workspace: Path
     argv = {"export-last": ["export", str(run), "--out", out, "--weights", "last"],
             "export-without-best": ["export", str(run), "--out", out],
             "eval-last": ["eval", str(run), "--data", str(workspace / "data"), "--workers", "0", "--weights", "last"]}
-    if command == "export-without-best":
+    if command == "export-without-best":  # no silent fallback to the last checkpoint: nothing is loaded
         shutil.rmtree(run / "best")
+        result = _cli(argv[command], capsys)
+        assert result.returncode == 2, result.stderr
+        assert "has no best weights" in result.stderr
+        assert "--weights last" in result.stderr
+        assert not marker.exists()
+        return
     _refused(_cli(argv[command], capsys), marker, "mp_rank_00_model_states.pt")
 
 

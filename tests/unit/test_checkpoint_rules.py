@@ -177,8 +177,8 @@ def test_rng_state_round_trips_as_plain_data(tmp_path: Path) -> None:
 
 def test_stop_request_takes_the_first_signal_and_a_second_ctrl_c_stops_at_once() -> None:
     previous = {s: signal.getsignal(s) for s in preemption.STOP_SIGNALS}
+    stop = preemption.StopRequest().install()
     try:
-        stop = preemption.StopRequest().install()
         assert stop.local_code() == 0
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.local_code() == signal.SIGUSR1
@@ -187,8 +187,8 @@ def test_stop_request_takes_the_first_signal_and_a_second_ctrl_c_stops_at_once()
         with pytest.raises(KeyboardInterrupt):  # the handler runs as soon as kill() returns
             os.kill(os.getpid(), signal.SIGINT)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        stop.uninstall()
+    assert {s: signal.getsignal(s) for s in preemption.STOP_SIGNALS} == previous  # forked children inherit them
     assert preemption.describe([0, signal.SIGTERM, signal.SIGTERM]) == "SIGTERM on ranks [1, 2]"
 
 
