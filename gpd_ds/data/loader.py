@@ -50,7 +50,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
-from gpd_ds.data.shards import INDEX_NAME, MAX_IMAGE_PIXELS, image_header, parse_index
+from gpd_ds.data.shards import INDEX_NAME, MAX_IMAGE_PIXELS, image_size, parse_index
 from gpd_ds.errors import UserInputError
 from gpd_ds.preemption import ignore_stop_signals
 
@@ -264,7 +264,7 @@ def decode(sample: dict, num_classes: int, max_pixels: int = MAX_IMAGE_PIXELS) -
     if not data:
         raise BadSample(f"zero-byte .{image_key}")
     try:
-        _, _, width, height = image_header(data)
+        width, height = image_size(data)
     except (OSError, ValueError, SyntaxError) as e:
         raise BadSample(f"cannot identify .{image_key} as an image: {str(e)[:200]}") from e
     if width * height > max_pixels:

@@ -12,6 +12,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -294,6 +295,25 @@ def test_an_image_over_the_pixel_limit_is_skipped_from_its_header(tmp_path: Path
     small = {"__key__": "k", "jpg": jpeg_bytes(40, 30, 1), "cls": b"0"}
     with pytest.raises(BadSample, match=r"40x30 = 1,200 pixels, over data\.max_image_pixels=1,000"):
         decode(small, 2, max_pixels=1000)
+
+
+@pytest.mark.parametrize(("fmt", "mode", "options"), [
+    ("JPEG", "RGB", {}), ("JPEG", "L", {}), ("JPEG", "CMYK", {}), ("JPEG", "RGB", {"progressive": True}),
+    ("JPEG", "RGB", {"exif": b"Exif\x00\x00" + bytes(300)}), ("PNG", "RGB", {}), ("PNG", "L", {}),
+    ("WEBP", "RGB", {}), ("BMP", "RGB", {}), ("TIFF", "CMYK", {}),
+])
+def test_the_fast_header_read_agrees_with_pil(fmt: str, mode: str, options: dict) -> None:
+    """The loaders' size check parses JPEG/PNG headers itself (PIL for the rest): same sizes as PIL."""
+    from gpd_ds.data.shards import image_header, image_size
+    rng = np.random.default_rng(0)
+    for width, height in ((1, 1), (37, 913), (500, 375), (4000, 3)):
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).convert(mode).save(buf, fmt, **options)
+        data = buf.getvalue()
+        assert image_size(data) == image_header(data)[2:] == (width, height)
+    with pytest.raises(OSError, match="Truncated File Read"):  # the walk gives up, PIL names the damage
+        image_size(b"\xff\xd8\xff\xe0 truncated")
 
 
 @pytest.mark.parametrize(("index", "fragment"), [
