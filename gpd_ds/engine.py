@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from gpd_ds.config import ConfigError, TrainConfig
+from gpd_ds.errors import json_type
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def check_ds_config(ds: object, source: str = "ds_config") -> dict:
     or removed top-level keys (``_``-prefixed ones are comments), blocks that are no objects, unknown keys in the
     blocks DeepSpeed does not check, bad batch sizes, clipping, precision and ZeRO stage. Returns ``ds``."""
     if not isinstance(ds, dict):
-        raise ConfigError(f"{source} holds a JSON {_json_kind(ds)}, not an object of DeepSpeed keys; write "
+        raise ConfigError(f"{source} holds a JSON {json_type(ds)}, not an object of DeepSpeed keys; write "
                           '{"zero_optimization": {"stage": 2}, ...} as in ds_configs/zero2.json')
     for key in ds:
         if key in DS_REMOVED_KEYS:
@@ -200,11 +201,6 @@ def _lookup(ds: dict, dotted: str) -> object:
             return _ABSENT
         value = value[part]
     return value
-
-
-def _json_kind(value: object) -> str:
-    kinds = ((list, "list"), (str, "string"), (bool, "boolean"), (int | float, "number"), (type(None), "null"))
-    return next((name for kind, name in kinds if isinstance(value, kind)), type(value).__name__)
 
 
 def _mirror(ds: dict, key: str, recipe_value: object, recipe_key: str) -> object:

@@ -48,7 +48,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
-from gpd_ds.errors import UserInputError
+from gpd_ds.errors import UserInputError, json_type
 from gpd_ds.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -79,14 +79,6 @@ def _some(items: list[str], n: int = _NAMED) -> str:
 
 def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
-
-
-def _json_type(value: object) -> str:
-    """The JSON name of a parsed value's type, for messages about a file the user wrote."""
-    if isinstance(value, bool):
-        return "true/false"
-    kinds = {dict: "object", list: "list", str: "string", int: "number", float: "number", type(None): "null"}
-    return kinds.get(type(value), type(value).__name__)
 
 
 def _parse_json(text: str, where: str, error: type[Exception], fix: str) -> object:
@@ -135,10 +127,10 @@ def _mapping_names(data: object, where: str, fix: str) -> list[str]:
         # Numbers are accepted as names because folder names such as 0..9 (CIFAR) read naturally as numbers.
         bad = [i for i, name in enumerate(data) if isinstance(name, bool) or not isinstance(name, str | int)]
         if bad:
-            raise ShardWriteError(f"{where}: entry {bad[0]} is a {_json_type(data[bad[0]])}, not a class name; "
+            raise ShardWriteError(f"{where}: entry {bad[0]} is a {json_type(data[bad[0]])}, not a class name; "
                                   f"{fix}")
         return [str(name) for name in data]
-    raise ShardWriteError(f"{where} holds a JSON {_json_type(data)}; {fix}")
+    raise ShardWriteError(f"{where} holds a JSON {json_type(data)}; {fix}")
 
 
 @dataclass(frozen=True)
@@ -253,14 +245,14 @@ def validate_index(index: object, where: str, error: type[Exception] = ShardWrit
     sum. Other fields are left to their users (timm writes a few more).
     """
     if not isinstance(index, dict):
-        raise error(f"{where} must hold a JSON object {{...}}, not a JSON {_json_type(index)}; {_INDEX_FIX}")
+        raise error(f"{where} must hold a JSON object {{...}}, not a JSON {json_type(index)}; {_INDEX_FIX}")
     _check_classes(index, where, error)
     splits = index.get("splits")
     if splits is None:
         raise error(f"{where}: field 'splits' is missing; {_INDEX_FIX}")
     if not isinstance(splits, dict):
         raise error(f"{where}: field 'splits' must be an object {{split name: entry}}, not a "
-                    f"{_json_type(splits)}; {_INDEX_FIX}")
+                    f"{json_type(splits)}; {_INDEX_FIX}")
     for name, entry in splits.items():
         _check_split(entry, f"splits.{name}", where, error)
     return index
@@ -271,7 +263,7 @@ def _check_classes(index: dict, where: str, error: type[Exception]) -> None:
         return
     classes = index["classes"]
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        what = _json_type(classes) if not isinstance(classes, list) else "list with non-string entries"
+        what = json_type(classes) if not isinstance(classes, list) else "list with non-string entries"
         raise error(f"{where}: field 'classes' must be a list of class names (strings), not a {what}; {_INDEX_FIX}")
     twice = sorted(c for c, n in Counter(classes).items() if n > 1)
     if twice:
@@ -283,7 +275,7 @@ def _check_classes(index: dict, where: str, error: type[Exception]) -> None:
 
 def _check_split(entry: object, field_name: str, where: str, error: type[Exception]) -> None:
     if not isinstance(entry, dict):
-        raise error(f"{where}: field {field_name!r} must be an object, not a {_json_type(entry)}; {_INDEX_FIX}")
+        raise error(f"{where}: field {field_name!r} must be an object, not a {json_type(entry)}; {_INDEX_FIX}")
     for key in ("filenames", "shard_lengths", "num_samples"):
         if key not in entry:
             raise error(f"{where}: field '{field_name}.{key}' is missing; {_INDEX_FIX}")
