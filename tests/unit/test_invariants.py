@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import math
 import sys
 from pathlib import Path
 
@@ -93,7 +94,8 @@ def test_one_backward_of_the_sum_equals_two_accumulated_backwards() -> None:
     static = torch.randn(4, NUM_CLASSES)
     loss_fn = GPDLoss(kd="dkd")
 
-    total = loss_fn(*one(x, mode="both")[::-1], y, static).total
+    out = one(x, mode="both")
+    total = loss_fn(out.student, out.teacher, y, static).total
     total.backward()
 
     teacher_logits = two(x, mode="teacher")
@@ -164,6 +166,24 @@ def test_branch_block_with_origin_only_init_equals_the_source_conv() -> None:
     with torch.no_grad(), mode_scope("teacher"):
         expected = F.conv2d(x, block.branch_kernel("teacher"), None, 1, 1)
         torch.testing.assert_close(block(x), expected)
+
+
+def test_new_branch_kernels_follow_the_reference_init() -> None:
+    """The added branch kernels are Kaiming-uniform with a=0, as the reference's: bound sqrt(6 / fan_in), std
+    sqrt(2 / fan_in) (PyTorch's conv default a=sqrt(5) would give 1/sqrt(3) of that std)."""
+    from gpd_ds.gpd.branches import branch_tensors
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False)
+    tensors = branch_tensors(conv, pretrained_student=False)
+    for name in ("avg", "prior", "post", "extra", "dw", "pw"):
+        t = tensors[name]
+        fan_in = t[0].numel()
+        bound = math.sqrt(6 / fan_in)
+        assert t.abs().max() <= bound, name
+        assert t.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.02), name
+    assert torch.equal(tensors["origin"], conv.weight)
+    assert not tensors["pre"].any()
 
 
 def test_branches_convert_depthwise_convs_of_mobilenet() -> None:
