@@ -14,7 +14,8 @@ CNN_IMAGE = 64
 # Every family the GPD core must support: (model name, builder kwargs).
 FAMILIES = [
     "resnet18", "resnet34", "resnet50", "torchvision:resnet18", "torchvision:resnet50",
-    "mobilenetv1_100", "mobilenetv2_100", "mobilenetv3_small_100", "efficientnet_b0", "convnext_atto",
+    "mobilenetv1_100", "mobilenetv1_relu", "mobilenetv2_100", "mobilenetv3_small_100", "efficientnet_b0",
+    "convnext_atto",
     "vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "cifar_resnet10",
 ]
 

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from gpd_ds.errors import UserInputError
-from gpd_ds.models import cifar  # noqa: F401  (registers the cifar_resnet* models with timm)
+from gpd_ds.models import cifar, mobilenet  # noqa: F401  (register cifar_resnet* and mobilenetv1_relu with timm)
 
 TORCHVISION_PREFIX = "torchvision:"
 TIMM_PREFIX = "timm:"
