@@ -1,4 +1,4 @@
-"""GPD losses: CE, label-smoothed soft CE (SCE), KL knowledge distillation, DKD, and GPDLoss.
+"""GPD losses: CE, label-smoothed soft CE (SCE), KL knowledge distillation, DKD, ReviewKD's HCL, and GPDLoss.
 
 All losses are computed in fp32 whatever the logits' dtype. Targets may be class indices ``(B,)``
 or soft/mixed distributions ``(B, K)`` (mixup/cutmix); DKD then uses the argmax as the class.
@@ -13,9 +13,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gpd_ds.reviewkd import hcl
+
 Logits = Tensor | tuple[Tensor, Tensor]  # a DeiT distilled model in distilled training: (class, distillation) heads
 
-KD_KINDS = ("dkd", "kl", "none")
+KD_KINDS = ("dkd", "kl", "none")  # the logit term psi
+FEATURE_KINDS = ("reviewkd", "none")
+# loss.kd: a logit term, feature distillation, or both
+KD_CHOICES = ("dkd", "kl", "reviewkd", "dkd+reviewkd", "kl+reviewkd", "none")
+DYNAMIC_LOSSES = ("sce", "ce", "mse", "l1")
+
+
+def split_kd(kd: str) -> tuple[str, str]:
+    """``loss.kd`` as (logit term, feature term): ``dkd+reviewkd`` -> (dkd, reviewkd), ``reviewkd`` -> (none,
+    reviewkd)."""
+    if kd not in KD_CHOICES:
+        raise ValueError(f"loss.kd={kd!r} is unknown; use one of {KD_CHOICES}")
+    parts = kd.split("+")
+    logit = next((p for p in parts if p in ("dkd", "kl")), "none")
+    return logit, "reviewkd" if "reviewkd" in parts else "none"
 
 
 def _hard(target: Tensor) -> Tensor:
@@ -59,18 +75,21 @@ def dkd(logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: float = 1
     t = temperature
     s, z = logits.float() / t, teacher_logits.detach().float() / t
     gt = F.one_hot(_hard(target), s.shape[1]).bool()
-    p_s, p_t = F.softmax(s, dim=1), F.softmax(z, dim=1)
-
-    def binary(p: Tensor) -> Tensor:
-        target_mass = (p * gt).sum(dim=1, keepdim=True)
-        return torch.cat([target_mass, 1.0 - target_mass], dim=1)
-
-    b_s, b_t = binary(p_s), binary(p_t)
-    tckd = F.kl_div(torch.log(b_s.clamp_min(1e-12)), b_t, reduction="sum") * t * t / s.shape[0]
+    tckd = F.kl_div(_log_binary(s, gt), _log_binary(z, gt), reduction="sum", log_target=True)
     log_q_s = F.log_softmax(s - 1000.0 * gt, dim=1)
     q_t = F.softmax(z - 1000.0 * gt, dim=1)
-    nckd = F.kl_div(log_q_s, q_t, reduction="sum") * t * t / s.shape[0]
-    return alpha * tckd + beta * nckd
+    nckd = F.kl_div(log_q_s, q_t, reduction="sum")
+    return (alpha * tckd + beta * nckd) * t * t / s.shape[0]
+
+
+def _log_binary(x: Tensor, gt: Tensor) -> Tensor:
+    """``log [p_target, 1 - p_target]`` of ``softmax(x)``, both from log-sum-exps. ``1 - p_target`` in fp32 cancels
+    once the target dominates (a margin of ~17 at K = 1000) and is 0 from ~25 on: the loss, and the gradient at the
+    target logit, would then be wrong or exactly 0 where they are not."""
+    log_z = torch.logsumexp(x, dim=1, keepdim=True)
+    log_target = (x * gt).sum(dim=1, keepdim=True) - log_z
+    log_rest = torch.logsumexp(x.masked_fill(gt, float("-inf")), dim=1, keepdim=True) - log_z
+    return torch.cat([log_target, log_rest], dim=1)
 
 
 class LossOutput(NamedTuple):
@@ -78,17 +97,45 @@ class LossOutput(NamedTuple):
     terms: dict[str, Tensor]
 
 
+class Features(NamedTuple):
+    """Feature-distillation inputs of one step: the connector outputs of the student and of the dynamic teacher
+    (None without GPD), and the static teacher's features they are compared with (targets)."""
+
+    student: list[Tensor]
+    dynamic_teacher: list[Tensor] | None
+    static_teacher: list[Tensor]
+
+
+def dynamic_to_student(kind: str, logits: Tensor, teacher_logits: Tensor, smoothing: float) -> Tensor:
+    """The student's term from the detached dynamic teacher: ``sce`` (CE against the label-smoothed softmax, the
+    reference's ``--kd_loss_type sce``), ``ce`` (no smoothing), or ``mse`` / ``l1`` between the logits (mean)."""
+    target = teacher_logits.detach().float()
+    if kind == "sce":
+        return soft_cross_entropy(logits, target, smoothing)
+    if kind == "ce":
+        return soft_cross_entropy(logits, target, 0.0)
+    if kind == "mse":
+        return F.mse_loss(logits.float(), target)
+    if kind == "l1":
+        return F.l1_loss(logits.float(), target)
+    raise ValueError(f"dynamic_loss={kind!r} is unknown; use one of {DYNAMIC_LOSSES}")
+
+
 @dataclass(frozen=True)
 class GPDLoss:
-    """The GPD objective (gpd_method.md 1.2)::
+    """The GPD objective (gpd_method.md 1.2; ReviewKD: reviewkd_rvt.md 1.1)::
 
         L = ce_weight * [CE(z_T, y) + CE(z_S, y)]
-          + kd_weight * [psi(z_T; z_static) + psi(z_S; z_static)]     (only with a static teacher)
+          + w * kd_weight * [psi(z_T; z_static) + psi(z_S; z_static)]              (with a static teacher)
+          + w * feature_weight * [HCL(A_T(F_T), F_static) + HCL(A_S(F_S), F_static)]   (feature distillation)
           + dynamic_weight * SCE(z_S, softmax(sg(z_T)))
 
-    ``psi`` is DKD (default), Hinton KL, or nothing. Terms are returned by name:
-    ``ce_student``, ``ce_dynamic_teacher``, ``kd_static_to_student``, ``kd_static_to_dynamic_teacher``,
-    ``sce_dynamic_to_student`` (unweighted), and the weighted sum as ``total``.
+    ``psi`` is DKD (default), Hinton KL, or nothing; the feature term is ReviewKD's HCL of the connector outputs
+    or nothing; ``w`` is the warm-up factor (``kd_scale``, 1 without warm-up). ``kd_dynamic_teacher=False`` drops
+    the dynamic teacher's static-teacher terms (the reference's ``--deactive_kd_static_teacher``). Terms are
+    returned by name, unweighted: ``ce_student``, ``ce_dynamic_teacher``, ``kd_static_to_student``,
+    ``kd_static_to_dynamic_teacher``, ``reviewkd_static_to_student``, ``reviewkd_static_to_dynamic_teacher``,
+    ``sce_dynamic_to_student`` (named after ``dynamic_loss``); the weighted sum is ``total``.
     """
 
     ce_weight: float = 1.0
@@ -99,10 +146,18 @@ class GPDLoss:
     dkd_alpha: float = 1.0
     dkd_beta: float = 0.5
     temperature: float = 1.0
+    dynamic_loss: str = "sce"
+    kd_dynamic_teacher: bool = True
+    features: str = "none"
+    feature_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kd not in KD_KINDS:
             raise ValueError(f"GPDLoss kd={self.kd!r} is unknown; use one of {KD_KINDS}")
+        if self.features not in FEATURE_KINDS:
+            raise ValueError(f"GPDLoss features={self.features!r} is unknown; use one of {FEATURE_KINDS}")
+        if self.dynamic_loss not in DYNAMIC_LOSSES:
+            raise ValueError(f"GPDLoss dynamic_loss={self.dynamic_loss!r} is unknown; use one of {DYNAMIC_LOSSES}")
         if not 0.0 <= self.smoothing < 1.0:
             raise ValueError(f"GPDLoss smoothing={self.smoothing!r} must be in [0, 1)")
         if not self.temperature > 0:
@@ -113,33 +168,57 @@ class GPDLoss:
             return dkd(logits, static_logits, target, self.dkd_alpha, self.dkd_beta, self.temperature)
         return kl_kd(logits, static_logits, self.temperature)
 
-    def plain(self, student: Logits, target: Tensor, static_teacher: Tensor | None = None) -> LossOutput:
-        """The objective without a dynamic teacher (baselines, teacher training): CE, plus psi if a static
-        teacher is given: ``ce_weight * CE(z_S, y) + kd_weight * psi(z_S; z_static)``."""
+    def _static_terms(self, who: str, logits: Tensor, connected: list[Tensor] | None, static_logits: Tensor | None,
+                      static_features: list[Tensor] | None, target: Tensor, terms: dict[str, Tensor],
+                      kd_scale: float) -> Tensor:
+        """``who``'s static-teacher terms (added to ``terms``), weighted and summed."""
+        total = logits.new_zeros((), dtype=torch.float32)
+        if static_logits is not None and self.kd != "none":
+            terms[f"kd_static_to_{who}"] = self.static_kd(logits, static_logits, target)
+            total = total + kd_scale * self.kd_weight * terms[f"kd_static_to_{who}"]
+        if self.features != "none":
+            if connected is None or static_features is None:
+                raise ValueError(f"GPDLoss features={self.features!r} needs the connector outputs of the {who} and "
+                                 "the static teacher's features")
+            terms[f"reviewkd_static_to_{who}"] = hcl(connected, static_features)
+            total = total + kd_scale * self.feature_weight * terms[f"reviewkd_static_to_{who}"]
+        return total
+
+    def plain(self, student: Logits, target: Tensor, static_teacher: Tensor | None = None, *,
+              features: Features | None = None, kd_scale: float = 1.0) -> LossOutput:
+        """The objective without a dynamic teacher (baselines, teacher training): CE, plus the static-teacher terms
+        if a static teacher is given: ``ce_weight * CE(z_S, y) + w * kd_weight * psi(z_S; z_static)`` (+ the
+        feature term)."""
         s_cls, s_dist = _heads(student)
         terms = {"ce_student": cross_entropy(s_cls, target)}
         total = self.ce_weight * terms["ce_student"]
-        if static_teacher is not None and self.kd != "none":
-            terms["kd_static_to_student"] = self.static_kd(s_dist, static_teacher, target)
-            total = total + self.kd_weight * terms["kd_static_to_student"]
+        if static_teacher is not None:
+            total = total + self._static_terms(
+                "student", s_dist, features.student if features else None, static_teacher,
+                features.static_teacher if features else None, target, terms, kd_scale)
         return LossOutput(total, terms)
 
     def __call__(self, student: Logits, dynamic_teacher: Logits, target: Tensor,
-                 static_teacher: Tensor | None = None) -> LossOutput:
+                 static_teacher: Tensor | None = None, *, features: Features | None = None,
+                 kd_scale: float = 1.0) -> LossOutput:
         (s_cls, s_dist), (t_cls, t_dist) = _heads(student), _heads(dynamic_teacher)
+        dynamic_name = f"{self.dynamic_loss}_dynamic_to_student"
         terms = {
             "ce_student": cross_entropy(s_cls, target),
             "ce_dynamic_teacher": cross_entropy(t_cls, target),
-            "sce_dynamic_to_student": soft_cross_entropy(s_cls, t_cls.detach(), self.smoothing),
+            dynamic_name: dynamic_to_student(self.dynamic_loss, s_cls, t_cls, self.smoothing),
         }
         total = self.ce_weight * (terms["ce_student"] + terms["ce_dynamic_teacher"])
-        total = total + self.dynamic_weight * terms["sce_dynamic_to_student"]
-        if static_teacher is not None and self.kd != "none":
-            terms["kd_static_to_student"] = self.static_kd(s_dist, static_teacher, target)
-            terms["kd_static_to_dynamic_teacher"] = self.static_kd(t_dist, static_teacher, target)
-            total = total + self.kd_weight * (terms["kd_static_to_student"] + terms["kd_static_to_dynamic_teacher"])
+        total = total + self.dynamic_weight * terms[dynamic_name]
+        if static_teacher is not None:
+            static_features = features.static_teacher if features else None
+            total = total + self._static_terms("student", s_dist, features.student if features else None,
+                                               static_teacher, static_features, target, terms, kd_scale)
+            if self.kd_dynamic_teacher:
+                total = total + self._static_terms(
+                    "dynamic_teacher", t_dist, features.dynamic_teacher if features else None, static_teacher,
+                    static_features, target, terms, kd_scale)
         return LossOutput(total, terms)
-
 
 
 def _heads(logits: Logits) -> tuple[Tensor, Tensor]:

@@ -32,6 +32,50 @@ def test_dkd_golden_values() -> None:
     assert dkd(s, t, y, alpha=1.0, beta=0.5, temperature=2.0).item() == pytest.approx(0.3782516324, abs=1e-6)
 
 
+def _dkd_float64(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, beta: float, temperature: float) -> torch.Tensor:
+    """DKD as its authors write it (the non-target mass as a sum of probabilities), in float64."""
+    s, t = s / temperature, t / temperature
+    gt = F.one_hot(y, s.shape[1]).bool()
+    p_s, p_t = F.softmax(s, dim=1), F.softmax(t, dim=1)
+    b_s = torch.stack([p_s[gt], p_s.masked_fill(gt, 0).sum(1)], dim=1)
+    b_t = torch.stack([p_t[gt], p_t.masked_fill(gt, 0).sum(1)], dim=1)
+    tckd = (b_t * (b_t.log() - b_s.log())).sum()
+    q_s, q_t = F.log_softmax(s - 1000.0 * gt, dim=1), F.log_softmax(t - 1000.0 * gt, dim=1)
+    nckd = (q_t.exp() * (q_t - q_s)).sum()
+    return (tckd + beta * nckd) * temperature**2 / s.shape[0]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+@pytest.mark.parametrize("scale", [3.0, 200.0])
+@pytest.mark.parametrize("margin", [0.0, 18.0, 25.0, 40.0, 100.0])
+def test_dkd_stays_exact_for_confident_students(margin: float, scale: float, temperature: float) -> None:
+    """K = 1000: a student whose target logit leads by ``margin`` (up to 100), logits up to +-``scale`` (up to
+    +-200), a less confident teacher (target +3). fp32 DKD against a float64 reference on the same fp32 inputs:
+    finite, value and gradient within 1e-5 relative. (The 1 - p_target form was off by 16-76% from a margin of ~25,
+    with a zero target-logit gradient.)"""
+    g = torch.Generator().manual_seed(int(margin * 10 + scale))
+    y = torch.tensor([0, 7, 999, 500])
+    s = (torch.rand(4, 1000, generator=g) * 2 - 1) * (scale - margin if scale > margin else scale)
+    s[torch.arange(4), y] = s.max(dim=1).values + margin
+    s = s.clamp(-max(scale, margin), max(scale, margin))
+    t = torch.randn(4, 1000, generator=g) * 3
+    t[torch.arange(4), y] += 3.0
+    s32 = s.clone().requires_grad_(True)
+    s64 = s.double().requires_grad_(True)
+    got = dkd(s32, t, y, alpha=1.0, beta=0.5, temperature=temperature)
+    want = _dkd_float64(s64, t.double(), y, beta=0.5, temperature=temperature)
+    got.backward()
+    want.backward()
+    assert torch.isfinite(got)
+    assert torch.isfinite(s32.grad).all()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-9)
+    err = (s32.grad.double() - s64.grad).norm() / s64.grad.norm()
+    assert err < 1e-5, f"relative gradient error {err:.2e}"
+    target_grad, want_target = s32.grad[torch.arange(4), y], s64.grad[torch.arange(4), y]
+    # elementwise at the gradient's scale: a logit of 200 carries fp32 rounding of 200 * 6e-8 = 1.2e-5 itself
+    torch.testing.assert_close(target_grad.double(), want_target, rtol=1e-5, atol=1e-5 * s64.grad.abs().max().item())
+
+
 def test_dkd_uses_argmax_of_a_soft_target() -> None:
     s, t = torch.randn(3, 5), torch.randn(3, 5)
     hard = torch.tensor([4, 0, 2])
