@@ -58,7 +58,7 @@ _TAG = re.compile(r"^step(\d{9})$")
 SPACE_MARGIN = 1.1
 # config keys whose change makes a checkpoint unusable (other shapes, another optimizer state)
 INCOMPATIBLE_KEYS = ("model.method", "model.student", "model.student_kwargs", "model.width_ratio",
-                     "model.branches", "model.distillation_token", "optim.optimizer")
+                     "model.branches", "model.distillation_token", "optim.optimizer", "loss.reviewkd_mid_channels")
 # what the run outputs besides checkpoints: removed with them by --overwrite
 RUN_OUTPUTS = ("checkpoints", "best", "metrics.jsonl")
 
@@ -340,6 +340,9 @@ def check_compatible(marker: Marker, config: dict, zero_stage: int) -> None:
         return
     changes = config_changes(marker.config, config)
     blocking = {k: v for k, v in changes.items() if k in INCOMPATIBLE_KEYS}
+    kd = changes.get("loss.kd")
+    if kd is not None and ("reviewkd" in str(kd[0])) != ("reviewkd" in str(kd[1])):
+        blocking["loss.kd"] = kd  # feature distillation adds (or drops) the connectors' tensors
     if blocking:
         listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in blocking.items())
         raise IncompatibleCheckpointError(

@@ -25,6 +25,7 @@ import torch
 
 from gpd_ds.data.transforms import Augment, train_transform
 from gpd_ds.errors import UserInputError
+from gpd_ds.losses import DYNAMIC_LOSSES, KD_CHOICES
 from gpd_ds.models import TORCHVISION_PREFIX, create_model, unknown_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -74,14 +75,23 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    kd: str = "dkd"  # dkd, kl or none (the static-teacher term psi)
+    # the static-teacher terms: a logit term psi (dkd or kl), feature distillation (reviewkd), both joined by +
+    # (dkd+reviewkd), or none
+    kd: str = "dkd"
+    kd_dynamic_teacher: bool = True  # the static-teacher terms for the dynamic teacher too (off: the reference's
+    # --deactive_kd_static_teacher)
+    kd_warmup_epochs: float = 0.0  # static-teacher terms x min(epoch / this, 1), epochs counted from 1 (mdistiller's
+    # CIFAR recipes: 20); 0: none, as the reference
     dkd_alpha: float = 1.0
     dkd_beta: float = 0.5
     temperature: float = 1.0
     ce_weight: float = 1.0
     kd_weight: float = 1.0
-    dynamic_weight: float = 3.0  # weight of SCE(student, detached dynamic teacher)
-    smoothing: float = 0.1  # label smoothing of that SCE target
+    dynamic_weight: float = 3.0  # weight of the dynamic teacher -> student term
+    dynamic_loss: str = "sce"  # that term: sce (the reference's --kd_loss_type sce), ce (no smoothing), mse, l1
+    smoothing: float = 0.1  # label smoothing of the SCE target
+    reviewkd_weight: float = 1.0  # weight of each ReviewKD term (the reference: 1.0 for every pair)
+    reviewkd_mid_channels: int = 512  # width of the ABF fusion maps (the reference: 512 for ResNet18, 256 MobileNet)
 
 
 @dataclass
@@ -332,7 +342,11 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.augment.cutmix", _at_least(0), "use an alpha >= 0 (0: off; DeiT: 1.0)"),
     ("data.augment.mixup_switch_prob", _PROBABILITY, "use a probability in [0, 1]"),
     ("data.augment.label_smoothing", _FRACTION, "use a value in [0, 1) (DeiT: 0.1)"),
-    ("loss.kd", _one_of("dkd", "kl", "none"), "use dkd, kl or none"),
+    ("loss.kd", _one_of(*KD_CHOICES), f"use one of {', '.join(KD_CHOICES)}"),
+    ("loss.kd_warmup_epochs", _at_least(0), "use 0 (no warm-up) or more epochs, e.g. 20"),
+    ("loss.dynamic_loss", _one_of(*DYNAMIC_LOSSES), f"use one of {', '.join(DYNAMIC_LOSSES)}"),
+    ("loss.reviewkd_weight", _WEIGHT, "use a weight >= 0 (1.0 in the reference)"),
+    ("loss.reviewkd_mid_channels", _AT_LEAST_ONE, "use a positive channel count (512; 256 for MobileNet)"),
     ("loss.dkd_alpha", _WEIGHT, "use a weight >= 0 (default 1.0)"),
     ("loss.dkd_beta", _WEIGHT, "use a weight >= 0 (0.5; 2.0 for MobileNet in the paper)"),
     ("loss.temperature", _above(0), "use a positive temperature, e.g. 1.0"),
@@ -395,6 +409,8 @@ def _cross_field_rows(cfg: TrainConfig) -> list[tuple[bool, str, Any, str]]:
         (not m.distillation_token or (m.static_teacher is not None and cfg.loss.kd != "none"),
          "model.distillation_token", m.distillation_token,
          "the distillation head learns from the static teacher: set model.static_teacher and loss.kd"),
+        ("reviewkd" not in cfg.loss.kd or m.static_teacher is not None, "loss.kd", cfg.loss.kd,
+         "ReviewKD distils the static teacher's features: set model.static_teacher, or use loss.kd=none"),
         (o.warmup_epochs < o.epochs, "optim.warmup_epochs", o.warmup_epochs,
          f"use fewer warm-up epochs than optim.epochs={o.epochs}"),
         (o.cooldown_epochs < o.epochs, "optim.cooldown_epochs", o.cooldown_epochs,

@@ -28,6 +28,7 @@ from torch import nn
 from gpd_ds.checkpoint import complete_checkpoints
 from gpd_ds.config import TrainConfig, from_dict
 from gpd_ds.errors import UserInputError
+from gpd_ds.features import StudentWithConnector
 from gpd_ds.gpd import check_equivalence, extract
 from gpd_ds.models import create_model
 from gpd_ds.models.build import build_model
@@ -110,8 +111,8 @@ def export_run(run_dir: Path, out: Path, which: str = "best") -> Path:
     if cfg.model.method == "gpd":
         plain = extract(model).eval()
         max_diff = check_equivalence(model, plain, probe)
-    else:
-        plain, max_diff = model, 0.0
+    else:  # a plain student, with its connector under feature distillation (dropped here)
+        plain, max_diff = (model.net if isinstance(model, StudentWithConnector) else model), 0.0
     fresh = create_model(cfg.model.student, num_classes=len(record["classes"]), image_size=size,
                          **cfg.model.student_kwargs)
     fresh.load_state_dict(plain.state_dict(), strict=True)

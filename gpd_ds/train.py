@@ -51,8 +51,9 @@ from gpd_ds.engine import (
 )
 from gpd_ds.errors import UserInputError
 from gpd_ds.evaluate import evaluate
+from gpd_ds.features import feature_taps
 from gpd_ds.gpd.checkpointing import enable_activation_checkpointing
-from gpd_ds.losses import GPDLoss, LossOutput
+from gpd_ds.losses import Features, GPDLoss, LossOutput, split_kd
 from gpd_ds.models.build import build_model
 from gpd_ds.models.teacher import StaticTeacher, build_static_teacher
 from gpd_ds.preemption import EXIT_PREEMPTED, Preempted, StopRequest, describe
@@ -77,21 +78,37 @@ class RunResult:
 
 
 def train_step(engine, x: torch.Tensor, y: torch.Tensor, static_teacher: StaticTeacher | None, loss_fn: GPDLoss,
-               gpd: bool, autocast: Callable[[], contextlib.AbstractContextManager]) -> LossOutput:
+               gpd: bool, autocast: Callable[[], contextlib.AbstractContextManager], static_taps: tuple = (),
+               kd_scale: float = 1.0) -> LossOutput:
     """One micro-step: forwards, one backward of the summed loss, ``engine.step`` (which updates the weights at the
-    end of a gradient-accumulation cycle)."""
-    static_logits = None
+    end of a gradient-accumulation cycle). With ``static_taps`` (feature distillation) the same forwards also give
+    the static teacher's features and the trained module's connector outputs."""
+    static_logits, static_features = None, None
     if static_teacher is not None:
         with autocast():
-            static_logits = static_teacher(x)
+            static_logits = static_teacher(x, static_taps)
+        if static_taps:
+            static_logits, static_features = static_logits
     if gpd:
-        out = engine(x, mode="both")
-        loss = loss_fn(out.student, out.teacher, y, static_logits)
+        out = engine(x, mode="both", features=bool(static_taps))
+        features = Features(out.student_features, out.teacher_features, static_features) if static_taps else None
+        loss = loss_fn(out.student, out.teacher, y, static_logits, features=features, kd_scale=kd_scale)
+    elif static_taps:
+        logits, connected = engine(x, features=True)
+        loss = loss_fn.plain(logits, y, static_logits, features=Features(connected, None, static_features),
+                             kd_scale=kd_scale)
     else:
-        loss = loss_fn.plain(engine(x), y, static_logits)
+        loss = loss_fn.plain(engine(x), y, static_logits, kd_scale=kd_scale)
     engine.backward(loss.total)
     engine.step()
     return loss
+
+
+def kd_warmup(cfg: TrainConfig, epoch: int) -> float:
+    """The static-teacher terms' warm-up factor in (0-based) ``epoch``: ``min((epoch + 1) / kd_warmup_epochs, 1)``,
+    as mdistiller counts epochs from 1; 1 without warm-up."""
+    w = cfg.loss.kd_warmup_epochs
+    return min((epoch + 1) / w, 1.0) if w > 0 else 1.0
 
 
 def _autocast_fn(device: torch.device, dtype: torch.dtype | None) -> Callable[[], contextlib.AbstractContextManager]:
@@ -183,6 +200,7 @@ class _Run:
     device_tf: DeviceTransform
     eval_tf: Callable
     loss_fn: GPDLoss
+    static_taps: tuple  # where the static teacher's features are read (feature distillation), else ()
     autocast: Callable[[], contextlib.AbstractContextManager]
     ds: dict
     lr: float
@@ -216,6 +234,9 @@ def _assemble(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> _Run:
         static_teacher = static_teacher.to(info.device)
         if cfg.run.channels_last:
             static_teacher = static_teacher.to(memory_format=torch.channels_last)
+    static_taps = ()
+    if static_teacher is not None and split_kd(cfg.loss.kd)[1] != "none":
+        static_taps = feature_taps(static_teacher.model, cfg.model.static_teacher)
     augment = cfg.data.augment
     transform = train_transform(cfg.data.image_size, augment, cfg.data.mean)
     if cfg.data.in_memory:
@@ -259,12 +280,20 @@ def _assemble(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> _Run:
         device_tf=DeviceTransform(num_classes, info.device, augment, cfg.data.mean, cfg.data.std,
                                   cfg.run.channels_last),
         eval_tf=eval_transform(cfg.data.image_size, cfg.data.crop_pct, cfg.data.interpolation),
-        loss_fn=GPDLoss(ce_weight=cfg.loss.ce_weight, kd_weight=cfg.loss.kd_weight,
-                        dynamic_weight=cfg.loss.dynamic_weight, smoothing=cfg.loss.smoothing, kd=cfg.loss.kd,
-                        dkd_alpha=cfg.loss.dkd_alpha, dkd_beta=cfg.loss.dkd_beta, temperature=cfg.loss.temperature),
+        loss_fn=build_loss(cfg), static_taps=static_taps,
         autocast=_autocast_fn(info.device, autocast_dtype(ds)), ds=ds, lr=lr, steps_per_epoch=steps_per_epoch,
         total_steps=total_steps, end_step=min(total_steps, cfg.run.max_steps or total_steps),
         classes=list(train_shards.classes))
+
+
+def build_loss(cfg: TrainConfig) -> GPDLoss:
+    """The run's objective from ``cfg.loss``."""
+    c = cfg.loss
+    kd, features = split_kd(c.kd)
+    return GPDLoss(ce_weight=c.ce_weight, kd_weight=c.kd_weight, dynamic_weight=c.dynamic_weight,
+                   smoothing=c.smoothing, kd=kd, dkd_alpha=c.dkd_alpha, dkd_beta=c.dkd_beta,
+                   temperature=c.temperature, dynamic_loss=c.dynamic_loss, kd_dynamic_teacher=c.kd_dynamic_teacher,
+                   features=features, feature_weight=c.reviewkd_weight)
 
 
 def _evaluate(r: _Run, cfg: TrainConfig, info: DistInfo, static_metrics: dict | None, with_ema: bool
@@ -423,7 +452,8 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
             for batch in r.loader:
                 data_wait += time.perf_counter() - wait_start
                 x, y = r.device_tf(batch.images, batch.labels)
-                loss = train_step(engine, x, y, r.static_teacher, r.loss_fn, r.gpd, r.autocast)
+                loss = train_step(engine, x, y, r.static_teacher, r.loss_fn, r.gpd, r.autocast, r.static_taps,
+                                  kd_warmup(cfg, epoch))
                 window_samples += x.shape[0] * info.world_size
                 wait_start = time.perf_counter()
                 if engine.global_steps == step:  # inside an accumulation cycle

@@ -12,10 +12,13 @@ BOTH = "both"
 
 
 class GPDOutput(NamedTuple):
-    """Logits of both modes from one call: ``teacher`` (dynamic teacher) and ``student``."""
+    """Logits of both modes from one call: ``teacher`` (dynamic teacher) and ``student``; with ``features=True``
+    also each mode's connector outputs (feature distillation, :mod:`gpd_ds.features`)."""
 
     teacher: Tensor
     student: Tensor
+    teacher_features: list[Tensor] | None = None
+    student_features: list[Tensor] | None = None
 
 
 class _Detached:
@@ -52,6 +55,14 @@ class GPDModel(nn.Module):
         # mode="both" hands the student pass the student views taken with the teacher's (pair_scope): the same
         # numbers as separate views, with a cheaper backward. False only to measure or test the difference.
         self.paired_views = True
+        self.taps: tuple = ()
+        self.connectors: nn.ModuleDict | None = None
+
+    def attach_connectors(self, taps: tuple, connectors: nn.ModuleDict) -> None:
+        """Feature distillation: read ``taps`` (:class:`~gpd_ds.features.Tap`, module paths of the student, which
+        the dynamic teacher keeps) and map them through ``connectors["teacher"]`` / ``["student"]``. They become
+        part of this module (trained, checkpointed, averaged); :func:`~gpd_ds.gpd.extract` ignores them."""
+        self.taps, self.connectors = tuple(taps), connectors
 
     @property
     def student_is_source(self) -> bool:
@@ -63,13 +74,26 @@ class GPDModel(nn.Module):
         """The plain student as given to ``expand`` (its class and configuration are the export target)."""
         return self._source.module
 
-    def forward(self, x: Tensor, mode: str) -> Tensor | GPDOutput:
+    def forward(self, x: Tensor, mode: str, features: bool = False) -> Tensor | GPDOutput:
+        """``features=True`` (with ``mode="both"`` and connectors attached) adds the connector outputs."""
+        if features:
+            return self._run_with_features(x, mode)
         if mode == BOTH:
             with pair_scope(enabled=self.paired_views and not self._partitioned()):
                 return GPDOutput(teacher=self._run(x, TEACHER), student=self._run(x, STUDENT))
         if mode not in (STUDENT, TEACHER):
             raise ValueError(f"mode={mode!r} is not a GPD mode; use 'student', 'teacher' or 'both'")
         return self._run(x, mode)
+
+    def _run_with_features(self, x: Tensor, mode: str) -> GPDOutput:
+        from gpd_ds.features import recording  # features imports gpd.layers: a top-level import would be circular
+
+        if mode != BOTH or self.connectors is None:
+            raise ValueError("features=True needs mode='both' and connectors (attach_connectors)")
+        with recording(self.net, self.taps) as found:
+            out = self.forward(x, BOTH)
+        return out._replace(teacher_features=self.connectors["teacher"](found[TEACHER]),
+                            student_features=self.connectors["student"](found[STUDENT]))
 
     def _partitioned(self) -> bool:
         """Whether ZeRO-3 partitions the parameters (it tags them with ``ds_id``). It frees each layer's gathered
@@ -91,9 +115,10 @@ class GPDModel(nn.Module):
         return student_view(wide, spec, self.width_ratio)
 
     def num_parameters(self, mode: str) -> int:
-        """Trainable elements of the dynamic teacher (``teacher``) or of the student view (``student``)."""
+        """Trainable elements of the dynamic teacher (``teacher``) or of the student view (``student``); connectors
+        (feature distillation) are not counted."""
         if mode == TEACHER:
-            return sum(p.numel() for p in self.parameters())
+            return sum(p.numel() for p in self.net.parameters())
         total = 0
         for m in self.net.modules():
             if isinstance(m, WideModule):

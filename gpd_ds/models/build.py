@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from gpd_ds.config import ConfigError, TrainConfig, student_kwargs_error
+from gpd_ds.features import StudentWithConnector, Tap, build_connectors
 from gpd_ds.gpd import expand
+from gpd_ds.losses import split_kd
 from gpd_ds.models import create_model
 from gpd_ds.models.weights import load_weights
 
@@ -30,11 +33,27 @@ def build_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 
 def build_model(cfg: TrainConfig, num_classes: int, noise: bool = True) -> nn.Module:
-    """The trained module: the GPD model (IR of the student) or, for ``method=plain``, the student itself."""
+    """The trained module: the GPD model (IR of the student) or, for ``method=plain``, the student itself. With
+    feature distillation (``loss.kd`` with reviewkd) the connectors join it, created after IR, fresh and random as
+    the reference's (:mod:`gpd_ds.features`)."""
     student = build_student(cfg, num_classes)
+    features = split_kd(cfg.loss.kd)[1] != "none"
     if cfg.model.method == "plain":
-        return student
+        return StudentWithConnector(student, *_connectors(cfg, student, num_classes, None)) if features else student
     size = cfg.data.image_size
-    return expand(student, width_ratio=cfg.model.width_ratio, noise_std=cfg.model.noise_std if noise else 0.0,
-                  branches=cfg.model.branches, pretrained_student=cfg.scenario == "finetune",
-                  input_size=(3, size, size), verify=noise)
+    model = expand(student, width_ratio=cfg.model.width_ratio, noise_std=cfg.model.noise_std if noise else 0.0,
+                   branches=cfg.model.branches, pretrained_student=cfg.scenario == "finetune",
+                   input_size=(3, size, size), verify=noise)
+    if features:
+        model.attach_connectors(*_connectors(cfg, student, num_classes, cfg.model.width_ratio))
+    return model
+
+
+def _connectors(cfg: TrainConfig, student: nn.Module, num_classes: int, width_ratio: int | None
+                ) -> tuple[tuple[Tap, ...], nn.ModuleDict]:
+    """The student's taps and connectors to the static teacher's widths (its architecture, read on the meta
+    device: no weights, no memory)."""
+    with torch.device("meta"):
+        teacher = create_model(cfg.model.static_teacher, num_classes=num_classes, image_size=cfg.data.image_size)
+    return build_connectors(student, cfg.model.student, teacher, cfg.model.static_teacher, cfg.data.image_size,
+                            cfg.loss.reviewkd_mid_channels, width_ratio)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
+from gpd_ds.features import Tap, recording
+from gpd_ds.gpd.layers import STUDENT
 from gpd_ds.models import create_model
 from gpd_ds.models.weights import WeightsError, load_weights
 
@@ -34,10 +38,15 @@ class StaticTeacher(nn.Module):
         return self
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, taps: Sequence[Tap] = ()) -> torch.Tensor | tuple[torch.Tensor, list]:
+        """The logits; with ``taps`` (feature distillation) the logits and the features at those taps."""
         if self.renormalise:
             x = x * self.scale + self.shift
-        return self.model(x)
+        if not taps:
+            return self.model(x)
+        with recording(self.model, taps) as found:
+            logits = self.model(x)
+        return logits, found[STUDENT]
 
 
 def build_static_teacher(name: str, num_classes: int, image_size: int, checkpoint: str | None, pretrained: bool,
