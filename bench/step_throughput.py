@@ -7,9 +7,12 @@ In one process, in rotating order, on the same batch, precision and memory forma
   backward, ``engine.step``;
 * ``hand-written GPD``: plain timm student, a plain timm model twice as wide (the dynamic teacher's shape, its own
   weights), the static teacher, the same losses, one backward of the sum, clip 5, SGD step;
-* ``hand-written KD`` (static teacher + student, CE + DKD) and ``CE only``, for context.
+* ``hand-written KD`` (static teacher + student, CE + DKD) and ``CE only``, for context;
+* on a CPU with native bf16 (where the framework trains in bf16 autocast), also ``framework zeroN fp32``: the same
+  framework step in float32 (the CPU precision column: the bf16 / fp32 ratio, both measured here).
 
-Prints images/s, framework / hand-written, and GPD time / KD time for both.
+Precision: bf16 autocast on a GPU and on a CPU with native bf16 (``gpd_ds.engine.cpu_has_native_bf16``), else
+float32; ``--fp32`` forces float32. Prints images/s, framework / hand-written, and GPD time / KD time for both.
 
     python bench/step_throughput.py                                  # CPU: small images, few steps
     python bench/step_throughput.py --device cuda --image-size 224 --batch 256 --steps 20 --compile
@@ -31,7 +34,7 @@ from timm.models.efficientnet import _gen_mobilenet_v1
 from timm.models.resnet import BasicBlock, ResNet
 
 from gpd_ds import distributed
-from gpd_ds.engine import ds_defaults, initialize
+from gpd_ds.engine import cpu_has_native_bf16, ds_defaults, initialize
 from gpd_ds.gpd import expand
 from gpd_ds.losses import GPDLoss, cross_entropy, dkd, soft_cross_entropy
 from gpd_ds.models import create_model
@@ -82,7 +85,8 @@ class Inputs:
         self.pair, self.args, self.device = pair, args, device
         self.student_name, teacher_name, self.beta = PAIRS[pair]
         self.size, self.batch = args.image_size, args.batch
-        self.dtype = torch.bfloat16 if device.type == "cuda" else None
+        bf16 = device.type == "cuda" or cpu_has_native_bf16()  # what the framework's resolution picks
+        self.dtype = torch.bfloat16 if bf16 and not args.fp32 else None
         torch.manual_seed(0)
         self.x = torch.randn(self.batch, 3, self.size, self.size, device=device)
         self.x = self.x.contiguous(memory_format=torch.channels_last)
@@ -110,13 +114,14 @@ ABLATIONS = {
 }
 
 
-def framework(inp: Inputs, stage: int, undo: str | None = None) -> Variant:
+def framework(inp: Inputs, stage: int, undo: str | None = None, fp32: bool = False) -> Variant:
+    """The framework's step; ``fp32=True``: the same step with autocast off (the CPU precision column)."""
     student = create_model(inp.student_name, num_classes=NUM_CLASSES, image_size=inp.size)
     model = expand(student, input_size=(3, inp.size, inp.size), verify=False).to(inp.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     ds = json.loads((CONFIGS / f"zero{stage}.json").read_text())  # the shipped config of this stage
     ds.update({"train_batch_size": inp.batch, "train_micro_batch_size_per_gpu": inp.batch,
-               "torch_autocast": {"enabled": inp.dtype is not None, "dtype": "bfloat16"},
+               "torch_autocast": {"enabled": inp.dtype is not None and not fp32, "dtype": "bfloat16"},
                **({"timers": {"throughput": {"enabled": True}}} if undo == "ds timer" else {})})
     ds = ds_defaults(ds)
     engine = initialize(model, optimizer, None, ds, world_size=1)
@@ -126,9 +131,9 @@ def framework(inp: Inputs, stage: int, undo: str | None = None) -> Variant:
     if inp.args.compile:
         engine.compile()
     loss_fn = GPDLoss(kd="dkd", dkd_beta=inp.beta)
-
-    return Variant(f"framework zero{stage}" + (f" -{undo}" if undo else ""),
-                   lambda: train_step(engine, inp.x, inp.y, inp.teacher_fn, loss_fn, True, inp.autocast), inp.batch)
+    autocast = contextlib.nullcontext if fp32 else inp.autocast
+    name = f"framework zero{stage}" + (f" -{undo}" if undo else "") + (" fp32" if fp32 else "")
+    return Variant(name, lambda: train_step(engine, inp.x, inp.y, inp.teacher_fn, loss_fn, True, autocast), inp.batch)
 
 
 def hand_written_gpd(inp: Inputs) -> Variant:
@@ -184,8 +189,10 @@ def ce_only(inp: Inputs) -> Variant:
 def build_variants(pair: str, args: argparse.Namespace, device: torch.device) -> list[Variant]:
     inp = Inputs(pair, args, device)
     ablations = [framework(inp, args.zero[0], undo) for undo in ABLATIONS] if args.ablations else []
-    return [*(framework(inp, stage) for stage in args.zero), *ablations, hand_written_gpd(inp), hand_written_kd(inp),
-            ce_only(inp)]
+    cpu_bf16 = inp.device.type == "cpu" and inp.dtype is not None
+    fp32 = [framework(inp, args.zero[0], fp32=True)] if cpu_bf16 else []
+    return [*(framework(inp, stage) for stage in args.zero), *fp32, *ablations, hand_written_gpd(inp),
+            hand_written_kd(inp), ce_only(inp)]
 
 
 def measure(variants: list[Variant], args: argparse.Namespace, device: torch.device) -> None:
@@ -214,6 +221,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--fp32", action="store_true", help="float32 everywhere (no bf16 autocast)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models (framework: engine.compile)")
     parser.add_argument("--ablations", action="store_true",
                         help="also time the first --zero stage with each speed fix undone: " + "; ".join(
@@ -221,9 +229,11 @@ def main() -> None:
     args = parser.parse_args()
     info = distributed.init()
     device = torch.device(args.device) if args.device != "cpu" else info.device
+    bf16 = (device.type == "cuda" or cpu_has_native_bf16()) and not args.fp32
+    precision = "bf16 autocast" if bf16 else "fp32"
     print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, device {device}"
           f"{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch}, {args.image_size}px, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
+          f"batch {args.batch}, {args.image_size}px, {precision}, "
           f"channels_last input, compile {args.compile}, median of {args.rounds} x {args.steps} steps")
     for pair in args.pairs:
         variants = build_variants(pair, args, device)
@@ -234,13 +244,16 @@ def main() -> None:
         print(f"\n{pair} ({' <- '.join(PAIRS[pair][:2])})")
         for v in variants:
             extra = ""
-            if v.name.startswith("framework"):  # the spread of the ratio within a round shows the noise
+            if v.name.endswith(" fp32"):  # the CPU precision column
+                extra = f"  bf16 / fp32 {rate[v.name.removesuffix(' fp32')] / rate[v.name]:.2f}"
+            elif v.name.startswith("framework"):  # the spread of the ratio within a round shows the noise
                 per_round = [a / b for a, b in zip(v.rates, hand_rates, strict=True)]
                 extra = (f"  framework / hand-written {rate[v.name] / hand:.3f}"
                          f" (rounds {min(per_round):.3f}-{max(per_round):.3f})")
             print(f"  {v.name:28} {rate[v.name]:9.1f} img/s{extra}")
         kd = rate["hand-written KD"]
-        best = max((r for n, r in rate.items() if n.startswith("framework") and " -" not in n), default=None)
+        best = max((r for n, r in rate.items() if n.startswith("framework") and " -" not in n
+                    and not n.endswith(" fp32")), default=None)
         print(f"  GPD time / KD time: hand-written {kd / hand:.2f}"
               + (f", framework (best stage) {kd / best:.2f}" if best else ""))
 

@@ -8,7 +8,8 @@ DeepSpeed keys stay in the ds_config JSON. Resolution (``resolve_ds_config``):
 * ``gradient_clipping``: from the JSON or ``optim.grad_clip``; different values are an error; neither is an error
   too (DeepSpeed >= 0.19.3 silently clips at 1.0; GPD clips at 5.0).
 * precision: the ``torch_autocast`` block (fp32 master weights, bf16 on A100/H100, fp16 on V100 with a grad
-  scaler). Without a GPU the run is float32 (a log line says so).
+  scaler). On a CPU a bfloat16 request stays bf16 autocast where the CPU has native bf16 (AVX-512 BF16 or AMX:
+  :func:`cpu_has_native_bf16`), else the run is float32; float16 runs float32 on a CPU (a log line says which).
 * refused with a clear message: an ``optimizer``/``scheduler`` block (the recipe's ``optim.*`` builds them),
   DeepSpeed's own ``wandb`` monitor (gpd_ds logs to W&B itself).
 * defaults (:func:`ds_defaults`): DeepSpeed's throughput timer off unless the ds_config sets ``timers``: it
@@ -27,6 +28,7 @@ import difflib
 import json
 import logging
 import math
+import re
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -250,19 +252,46 @@ def resolve_ds_config(ds: dict, cfg: TrainConfig, world_size: int, device: torch
     ds_defaults(ds)
 
     if device.type == "cpu":
-        requested = [k for k in ("fp16", "bf16") if ds.get(k, {}).get("enabled")]
-        autocast = ds.get("torch_autocast", {})
-        if requested or autocast.get("enabled"):
-            what = requested[0] if requested else f"torch_autocast {autocast.get('dtype', 'bfloat16')}"
-            log.info("no GPU: running in float32 on the CPU (the ds_config's %s is for GPUs)", what)
-        for k in ("fp16", "bf16"):
-            ds.pop(k, None)
-        ds["torch_autocast"] = {"enabled": False}
+        _cpu_precision(ds)
     elif (ds.get("torch_autocast", {}).get("enabled") and ds["torch_autocast"].get("dtype") in ("bfloat16", "bf16")
           and not torch.cuda.is_bf16_supported()):
         log.info("this GPU has no bfloat16: torch_autocast switched to float16 (use ds_configs/*_v100.json)")
         ds["torch_autocast"]["dtype"] = "float16"
     return ds
+
+
+_CPU_BF16_FLAGS = re.compile(r"\b(avx512_bf16|amx_bf16)\b")
+
+
+def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether the CPU computes in bfloat16 natively (AVX-512 BF16 or AMX). Without it oneDNN emulates bf16,
+    which is slower than float32, so autocast would cost time instead of saving it."""
+    try:
+        return bool(_CPU_BF16_FLAGS.search(Path(cpuinfo).read_text()))
+    except OSError:  # no /proc (macOS, some containers): assume none, the safe choice
+        return False
+
+
+def _cpu_precision(ds: dict) -> None:
+    """Resolve the ds_config's precision for a CPU run, in place: a bfloat16 request (``torch_autocast`` bfloat16
+    or ``bf16.enabled``) stays bf16 autocast where the CPU has native bf16; float16 and CPUs without bf16 run
+    float32. The log says which and why."""
+    autocast = ds.get("torch_autocast", {})
+    wants_bf16 = bool(ds.get("bf16", {}).get("enabled")) or (
+        bool(autocast.get("enabled")) and autocast.get("dtype", "bfloat16") in ("bfloat16", "bf16"))
+    wants_fp16 = bool(ds.get("fp16", {}).get("enabled")) or (
+        bool(autocast.get("enabled")) and not wants_bf16)
+    for k in ("fp16", "bf16"):  # DeepSpeed's bf16/fp16 optimizers are GPU-only; autocast carries the precision
+        ds.pop(k, None)
+    if wants_bf16 and cpu_has_native_bf16():
+        log.info("no GPU: bf16 autocast on the CPU (it has native bfloat16), fp32 master weights")
+        ds["torch_autocast"] = {**autocast, "enabled": True, "dtype": "bfloat16"}
+        return
+    if wants_bf16:
+        log.info("no GPU: running in float32 (this CPU has no native bfloat16: emulated bf16 would be slower)")
+    elif wants_fp16:
+        log.info("no GPU: running in float32 on the CPU (the ds_config's float16 is for V100 GPUs)")
+    ds["torch_autocast"] = {"enabled": False}
 
 
 def ds_defaults(ds: dict) -> dict:

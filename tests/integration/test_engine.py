@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from gpd_ds.engine import ds_defaults
 from tests.integration.launch_helpers import REPO, env
@@ -66,3 +69,69 @@ def test_shipped_zero_configs_cap_the_gradient_bucket() -> None:
         zero = json.loads(path.read_text())["zero_optimization"]
         if zero["stage"] >= 1:
             assert zero.get("reduce_bucket_size", 5e8) <= 5e7, f"{path.name}: set reduce_bucket_size to 5e7"
+
+
+# --- precision on a CPU: bf16 autocast where the CPU has native bf16, float32 elsewhere -----------------------------
+
+def _cpu_resolved(monkeypatch, ds: dict, native: bool) -> dict:
+    from gpd_ds import engine
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda *a, **k: native)
+    engine._cpu_precision(ds)
+    return ds
+
+
+@pytest.mark.parametrize("ds", [
+    {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}},
+    {"torch_autocast": {"enabled": True}},  # DeepSpeed's default dtype is bfloat16
+    {"bf16": {"enabled": True}},
+    {"bf16": {"enabled": True}, "torch_autocast": {"enabled": False}},
+])
+def test_a_bf16_request_stays_bf16_autocast_on_a_cpu_with_native_bf16(monkeypatch, caplog, ds: dict) -> None:
+    with caplog.at_level(logging.INFO, logger="gpd_ds.engine"):
+        out = _cpu_resolved(monkeypatch, ds, native=True)
+    assert out["torch_autocast"]["enabled"] is True
+    assert out["torch_autocast"]["dtype"] == "bfloat16"
+    assert "bf16" not in out
+    assert "fp16" not in out
+    assert "bf16 autocast on the CPU" in caplog.text
+
+
+def test_a_bf16_request_runs_float32_on_a_cpu_without_native_bf16_and_says_so(monkeypatch, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="gpd_ds.engine"):
+        out = _cpu_resolved(monkeypatch, {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, native=False)
+    assert out["torch_autocast"] == {"enabled": False}
+    assert "no native bfloat16" in caplog.text
+
+
+@pytest.mark.parametrize("ds", [{"torch_autocast": {"enabled": True, "dtype": "float16"}}, {"fp16": {"enabled": True}}])
+def test_a_float16_request_runs_float32_on_any_cpu(monkeypatch, caplog, ds: dict) -> None:
+    with caplog.at_level(logging.INFO, logger="gpd_ds.engine"):
+        out = _cpu_resolved(monkeypatch, ds, native=True)
+    assert out["torch_autocast"] == {"enabled": False}
+    assert "fp16" not in out
+    assert "float16 is for V100" in caplog.text
+
+
+def test_float32_stays_float32_silently(monkeypatch, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="gpd_ds.engine"):
+        out = _cpu_resolved(monkeypatch, {"torch_autocast": {"enabled": False}}, native=True)
+    assert out["torch_autocast"] == {"enabled": False}
+    assert caplog.text == ""
+
+
+def test_a_bf16_request_keeps_its_other_autocast_keys(monkeypatch) -> None:
+    block = {"enabled": True, "dtype": "bf16", "lower_precision_safe_modules": ["torch.nn.Linear"]}
+    out = _cpu_resolved(monkeypatch, {"torch_autocast": block}, native=True)
+    assert out["torch_autocast"] == {"enabled": True, "dtype": "bfloat16",
+                                     "lower_precision_safe_modules": ["torch.nn.Linear"]}
+
+
+@pytest.mark.parametrize(("flags", "native"), [
+    ("fpu vme avx512f avx512_bf16 avx512vl", True), ("fpu amx_bf16 amx_tile", True),
+    ("fpu avx512f avx512vl avx2", False), ("fpu avx512_bf16x", False)])
+def test_native_bf16_is_read_off_the_cpu_flags(tmp_path: Path, flags: str, native: bool) -> None:
+    from gpd_ds.engine import cpu_has_native_bf16
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert cpu_has_native_bf16(cpuinfo) is native
+    assert cpu_has_native_bf16(tmp_path / "missing") is False  # no /proc: the safe answer
