@@ -45,7 +45,8 @@ class ModelConfig:
     static_teacher_checkpoint: str | None = None  # local .safetensors / .pth state dict
     static_teacher_pretrained: bool = False  # download timm's pretrained weights (needs network)
     static_teacher_train_mode: bool = False  # the reference runs the static teacher's BatchNorm in train mode
-    method: str = "gpd"  # gpd, or plain (no dynamic teacher: baselines, teacher training)
+    method: str = "gpd"  # gpd; plain (no dynamic teacher: baselines, teacher training); peer (a same-size peer
+    # in the dynamic teacher's place: the online-KD control of models/peer.py)
     width_ratio: int = 2
     branches: bool = False  # multi-branch 3x3 convs in the dynamic teacher (the reference's --use_orepa)
     noise_std: float = 1e-6
@@ -311,7 +312,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("model.static_teacher", _optional(_nonempty), "name a timm model (e.g. resnet34.tv_in1k) or torchvision:NAME, "
      "or none"),
     ("model.static_teacher_checkpoint", _optional(_nonempty), "use a local .safetensors/.pth file, or none"),
-    ("model.method", _one_of("gpd", "plain"), "use gpd or plain"),
+    ("model.method", _one_of("gpd", "plain", "peer"), "use gpd, plain or peer (the same-size online-peer control)"),
     ("model.width_ratio", _at_least(2), "use an integer >= 2 (2 in the paper)"),
     ("model.noise_std", _at_least(0), "use a standard deviation >= 0 (default 1e-6)"),
     ("data.root", _optional(_nonempty), "use the shards root (with _info.json), or none for the demo data"),
@@ -409,6 +410,8 @@ def _cross_field_rows(cfg: TrainConfig) -> list[tuple[bool, str, Any, str]]:
         (not m.distillation_token or (m.static_teacher is not None and cfg.loss.kd != "none"),
          "model.distillation_token", m.distillation_token,
          "the distillation head learns from the static teacher: set model.static_teacher and loss.kd"),
+        ("reviewkd" not in cfg.loss.kd or m.method != "peer", "loss.kd", cfg.loss.kd,
+         "model.method=peer has no feature distillation: use loss.kd=dkd, kl or none"),
         ("reviewkd" not in cfg.loss.kd or m.static_teacher is not None, "loss.kd", cfg.loss.kd,
          "ReviewKD distils the static teacher's features: set model.static_teacher, or use loss.kd=none"),
         (o.warmup_epochs < o.epochs, "optim.warmup_epochs", o.warmup_epochs,

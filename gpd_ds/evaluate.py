@@ -74,7 +74,7 @@ def evaluate_artifact(path: str, data_root: str, split: str = "val", batch_size:
         crop_pct, interpolation, mean, std = cfg.data.crop_pct, cfg.data.interpolation, cfg.data.mean, cfg.data.std
         model = model.to(device).eval()
         models = ({"student": lambda x: model(x, mode="student"), "dynamic_teacher": lambda x: model(x, mode="teacher")}
-                  if cfg.model.method == "gpd" else {"student": model})
+                  if cfg.model.method in ("gpd", "peer") else {"student": model})
     else:
         model, sidecar = load_exported(target)
         classes, size = sidecar["classes"], sidecar["input_size"][-1]

@@ -111,6 +111,8 @@ def export_run(run_dir: Path, out: Path, which: str = "best") -> Path:
     if cfg.model.method == "gpd":
         plain = extract(model).eval()
         max_diff = check_equivalence(model, plain, probe)
+    elif cfg.model.method == "peer":  # the online-peer control: the student, not its peer
+        plain, max_diff = model.student, 0.0
     else:  # a plain student, with its connector under feature distillation (dropped here)
         plain, max_diff = (model.net if isinstance(model, StudentWithConnector) else model), 0.0
     fresh = create_model(cfg.model.student, num_classes=len(record["classes"]), image_size=size,

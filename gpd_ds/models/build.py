@@ -10,6 +10,7 @@ from gpd_ds.features import StudentWithConnector, Tap, build_connectors
 from gpd_ds.gpd import expand
 from gpd_ds.losses import split_kd
 from gpd_ds.models import create_model
+from gpd_ds.models.peer import PeerModel
 from gpd_ds.models.weights import load_weights
 
 
@@ -33,13 +34,16 @@ def build_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 
 def build_model(cfg: TrainConfig, num_classes: int, noise: bool = True) -> nn.Module:
-    """The trained module: the GPD model (IR of the student) or, for ``method=plain``, the student itself. With
+    """The trained module: the GPD model (IR of the student), for ``method=plain`` the student itself, for
+    ``method=peer`` the student and a same-size peer (:mod:`gpd_ds.models.peer`). With
     feature distillation (``loss.kd`` with reviewkd) the connectors join it, created after IR, fresh and random as
     the reference's (:mod:`gpd_ds.features`)."""
     student = build_student(cfg, num_classes)
     features = split_kd(cfg.loss.kd)[1] != "none"
     if cfg.model.method == "plain":
         return StudentWithConnector(student, *_connectors(cfg, student, num_classes, None)) if features else student
+    if cfg.model.method == "peer":  # the online-peer control: a second student, its own weights (models/peer.py)
+        return PeerModel(student, build_student(cfg, num_classes))
     size = cfg.data.image_size
     model = expand(student, width_ratio=cfg.model.width_ratio, noise_std=cfg.model.noise_std if noise else 0.0,
                    branches=cfg.model.branches, pretrained_student=cfg.scenario == "finetune",

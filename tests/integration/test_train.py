@@ -160,6 +160,30 @@ def test_plain_method_trains_the_student_alone(workspace: Path) -> None:
 
 
 @pytest.mark.slow
+def test_peer_control_trains_student_and_peer_and_exports_the_student(workspace: Path) -> None:
+    """model.method=peer: a same-size peer in the dynamic teacher's place (2 ranks, with the static teacher)."""
+    run = workspace / "peer"
+    args = _distill(workspace, **{"model.method": "peer", "run.export_at_end": True})
+    check(launch(workspace, 2, ["--run-dir", str(run), *args]))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_row = next(r for r in rows if "train/loss" in r)
+    assert {"train/ce_student", "train/ce_dynamic_teacher", "train/kd_static_to_dynamic_teacher",
+            "train/sce_dynamic_to_student"} <= set(train_row)
+    assert {"eval/student/top1", "eval/dynamic_teacher/top1"} <= set().union(*rows)
+    _, model = rebuild(run_record(run))
+    state = run_weights(run, "best")[0]  # what the export at the end wrote
+    model.load_state_dict(state, strict=True)
+    assert {k.split(".")[0] for k in state} == {"student", "peer"}
+    # two networks with their own weights: they started apart (independent init) and are trained apart
+    assert not torch.equal(next(model.student.parameters()), next(model.peer.parameters()))
+    plain = timm.create_model("test_resnet", num_classes=NUM_CLASSES)
+    plain.load_state_dict(load_file(str(run / "export" / "student.safetensors")), strict=True)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), model.eval()(x, mode="student"), rtol=0, atol=0)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("extra", "match"), [
     (["--set", "model.static_teacher_checkpoint=/nonexistent/teacher.pth"], "weights file '/nonexistent"),
     (["--set", "model.static_teacher=resnet10t"], r"do not fit ResNet: missing .* wrong shape"),
