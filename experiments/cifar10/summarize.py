@@ -1,42 +1,65 @@
-"""Summarise experiments/cifar10/run.sh: the results table (markdown) and the report plots.
+"""Summarise the CIFAR-10 protocol (experiments/cifar10/protocol.py) from its result files only.
 
-    python experiments/cifar10/summarize.py runs/cifar10 [--images docs/images]
+    python experiments/cifar10/summarize.py [--results experiments/cifar10/results] [--images docs/images]
 
-Reads every run's metrics.jsonl. Accuracies are the **last** evaluation (end of training), not the best one: the
-test split is the only held-out data, so picking the best evaluation would select on it. Prints the table and
-writes it to OUT/results.md; renders `gpd-ds report` plots of the GPD runs into OUT/report_* and copies the ones
-the results page shows into --images.
+Prints (and writes to ``results/summary.md``) the per-arm table (mean, std over seeds, each seed), the paired
+comparisons (mean of the per-seed differences, 95% t-interval over the seeds, seeds that gained) and the cost;
+with ``--images``, the growth and gap curves (mean over seeds, per evaluation). Accuracies are the **last**
+evaluation (end of training), never the best one: the test split is the only held-out data, so picking the best
+evaluation would select on it.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
-import shutil
+import json
+import math
 import statistics
 from pathlib import Path
 
-from gpd_ds.report import load_metrics, render
+HERE = Path(__file__).resolve().parent
 
-ARMS = [  # (scenario, arm label, run-name prefix)
-    ("(a) static teacher", "student CE only", "a_ce"),
-    ("(a) static teacher", "KD", "a_kd"),
-    ("(a) static teacher", "DKD", "a_dkd"),
-    ("(a) static teacher", "KD + GPD", "a_kd_gpd"),
-    ("(a) static teacher", "DKD + GPD", "a_dkd_gpd"),
-    ("(b) from scratch", "baseline (= CE only)", "a_ce"),
-    ("(b) from scratch", "GPD", "b_gpd"),
-    ("(c) fine-tuning", "plain fine-tuning", "c_plain"),
-    ("(c) fine-tuning", "GPD fine-tuning", "c_gpd"),
-]
+# two-sided 95% quantiles of Student's t, by degrees of freedom (seeds - 1)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
+
+# (group, question, baseline arm, treatment arm, paper's ImageNet difference)
+COMPARISONS = (
+    ("(a) static teacher", "CE -> KD", "a_ce", "a_kd", ""),
+    ("(a) static teacher", "CE -> DKD", "a_ce", "a_dkd", ""),
+    ("(a) static teacher", "KD -> KD + GPD", "a_kd", "a_kd_gpd", ""),
+    ("(a) static teacher", "DKD -> DKD + GPD", "a_dkd", "a_dkd_gpd", "+1.01 (R34->R18), +1.58 (R50->MBv1)"),
+    ("(b) from scratch", "CE -> GPD", "a_ce", "b_gpd", "+1.80 (R18)"),
+    ("(c) fine-tuning", "plain -> GPD fine-tuning", "c_plain", "c_gpd", "+0.89 (R18)"),
+    ("control: peer", "CE -> online peer", "a_ce", "b_peer", ""),
+    ("control: peer", "online peer -> GPD", "b_peer", "b_gpd", ""),
+    ("control: static teacher mode", "DKD + GPD: eval -> train mode", "a_dkd_gpd", "a_dkd_gpd_trainmode", ""),
+    ("control: branches", "GPD from scratch: plain IR -> branches", "b_gpd", "b_gpd_branches", ""),
+    ("control: width", "GPD from scratch: r = 2 -> r = 4", "b_gpd", "b_gpd_r4", ""),
+)
 
 
-def _last(rows: list[dict], key: str) -> float | None:
-    values = [r[key] for r in rows if key in r]
-    return values[-1] if values else None
+def load(results: Path) -> tuple[dict[str, dict[int, dict]], dict | None]:
+    """{arm: {seed: result}} and the teacher's result; every file must come from one protocol."""
+    arms: dict[str, dict[int, dict]] = {}
+    teacher, digests = None, set()
+    for path in sorted(results.glob("*.json")):
+        r = json.loads(path.read_text())
+        if r["arm"] == "teacher":  # its digest covers the teacher's part of the protocol only
+            teacher = r
+        else:
+            digests.add(r["protocol_digest"])
+            arms.setdefault(r["arm"], {})[r["seed"]] = r
+    if len(digests) > 1:
+        raise SystemExit(f"{results} mixes protocols {sorted(digests)}: summarise one protocol at a time")
+    return arms, teacher
 
 
-def _stats(values: list[float]) -> str:
+def final(r: dict, model: str = "student") -> float | None:
+    return r["final"].get(model)
+
+
+def mean_std(values: list[float]) -> str:
     if not values:
         return "-"
     if len(values) == 1:
@@ -44,62 +67,110 @@ def _stats(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def _run(run_dir: Path) -> dict:
-    rows = load_metrics(run_dir)
-    rates = [r["train/images_per_s"] for r in rows if "train/images_per_s" in r]
-    return {"student": _last(rows, "eval/student/top1"), "dynamic": _last(rows, "eval/dynamic_teacher/top1"),
-            "static": _last(rows, "eval/static_teacher/top1"), "wall_min": rows[-1]["time"] / 60 if rows else None,
-            "img_s": statistics.median(rates) if rates else None}
+def paired(base: dict[int, dict], treat: dict[int, dict]) -> tuple[list[int], list[float]]:
+    seeds = sorted(set(base) & set(treat))
+    return seeds, [final(treat[s]) - final(base[s]) for s in seeds]
 
 
-def table(root: Path) -> str:
-    runs = {}
-    for d in sorted((root / "runs").iterdir()):
-        if (d / "export" / "student.safetensors").is_file():  # finished runs only
-            runs[d.name] = _run(d)
-    lines = ["| scenario | arm | seeds | student top-1 | per seed | dynamic teacher top-1 | static teacher top-1 "
-             "| wall-clock (min) | train img/s |", "|---|---|---|---|---|---|---|---|---|"]
-    for scenario, label, prefix in ARMS:
-        names = sorted(n for n in runs if re.fullmatch(rf"{prefix}_s\d+", n))
-        got = [runs[n] for n in names if runs[n]["student"] is not None]
-        if not got:
-            continue
-        col = {k: [g[k] for g in got if g[k] is not None] for k in got[0]}
-        lines.append(f"| {scenario} | {label} | {len(got)} | {_stats(col['student'])} | "
-                     f"{', '.join(f'{v:.2f}' for v in col['student'])} | {_stats(col['dynamic'])} | "
-                     f"{_stats(col['static'])} | {_stats(col['wall_min'])} | {_stats(col['img_s'])} |")
-    if "teacher" in runs:
-        t = runs["teacher"]
-        lines.append(f"| teacher | cifar_resnet18, CE | 1 | {t['student']:.2f} | | | | {t['wall_min']:.1f} | "
-                     f"{t['img_s']:.0f} |")
+def t_interval(diffs: list[float]) -> tuple[float, float, float] | None:
+    """(mean, low, high) of the 95% t-interval of the mean paired difference; None below 2 seeds."""
+    if len(diffs) < 2:
+        return None
+    m, half = statistics.mean(diffs), T975[len(diffs) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return m, m - half, m + half
+
+
+def arm_table(arms: dict[str, dict[int, dict]], teacher: dict | None) -> str:
+    lines = ["| scenario | arm | seeds | student top-1 | per seed | dynamic teacher (or peer) top-1 | "
+             "gap dynamic - student | wall-clock (min) | train img/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, runs in arms.items():
+        rs = [runs[s] for s in sorted(runs)]
+        student = [final(r) for r in rs]
+        dynamic = [final(r, "dynamic_teacher") for r in rs if final(r, "dynamic_teacher") is not None]
+        gaps = [final(r, "dynamic_teacher") - final(r) for r in rs if final(r, "dynamic_teacher") is not None]
+        lines.append(f"| {rs[0]['scenario']} | {rs[0]['label']} (`{name}`) | {len(rs)} | {mean_std(student)} | "
+                     f"{', '.join(f'{v:.2f}' for v in student)} | {mean_std(dynamic)} | "
+                     f"{mean_std(gaps) if gaps else '-'} | {statistics.mean(r['wall_clock_s'] for r in rs) / 60:.1f} | "
+                     f"{statistics.median(r['train_images_per_s'] for r in rs):.0f} |")
+    if teacher is not None:
+        lines.append(f"| teacher | {teacher['label']} | 1 | {final(teacher):.2f} | | | | "
+                     f"{teacher['wall_clock_s'] / 60:.1f} | {teacher['train_images_per_s']:.0f} |")
     return "\n".join(lines)
+
+
+def comparison_table(arms: dict[str, dict[int, dict]]) -> str:
+    lines = ["| group | comparison | seeds | mean paired difference | 95% CI | seeds gained | paper (ImageNet) |",
+             "|---|---|---|---|---|---|---|"]
+    for group, question, base, treat, paper in COMPARISONS:
+        if base not in arms or treat not in arms:
+            continue
+        seeds, diffs = paired(arms[base], arms[treat])
+        if not seeds:
+            continue
+        ci = t_interval(diffs)
+        significant = ci is not None and (ci[1] > 0 or ci[2] < 0)
+        mean = f"{statistics.mean(diffs):+.2f}"
+        lines.append(f"| {group} | {question} | {len(seeds)} | {f'**{mean}**' if significant else mean} | "
+                     f"{f'[{ci[1]:+.2f}, {ci[2]:+.2f}]' if ci else '-'} | "
+                     f"{sum(d > 0 for d in diffs)}/{len(diffs)} | {paper} |")
+    return "\n".join(lines)
+
+
+def curves(arms: dict[str, dict[int, dict]], images: Path) -> list[Path]:
+    """Mean over seeds, per evaluation: top-1 of student and dynamic teacher, and their gap, for GPD arms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images.mkdir(parents=True, exist_ok=True)
+    written = []
+    panels = {"growth": [("a_dkd_gpd", "DKD + GPD"), ("b_gpd", "GPD from scratch"), ("b_peer", "online peer"),
+                         ("b_gpd_r4", "GPD from scratch, r = 4")]}
+    for name, shown in panels.items():
+        fig, (acc, gap) = plt.subplots(1, 2, figsize=(11, 4))
+        for i, (arm, label) in enumerate(a for a in shown if a[0] in arms):
+            runs = list(arms[arm].values())
+            epochs = [e["epoch"] for e in runs[0]["evals"]]
+            colour = f"C{i}"
+            for model, style in (("student", "-"), ("dynamic_teacher", "--")):
+                ys = [statistics.mean(r["evals"][k][model] for r in runs) for k in range(len(epochs))]
+                acc.plot(epochs, ys, style, color=colour, label=f"{label}: {model.replace('_', ' ')}")
+            gaps = [statistics.mean(r["evals"][k]["dynamic_teacher"] - r["evals"][k]["student"] for r in runs)
+                    for k in range(len(epochs))]
+            gap.plot(epochs, gaps, "-", color=colour, label=label)
+        static = next((r["final"].get("static_teacher") for r in arms.get("a_dkd_gpd", {}).values()), None)
+        if static is not None:
+            acc.axhline(static, color="k", linestyle=":", label="static teacher")
+        acc.set(xlabel="epoch", ylabel="test top-1 (%)", title="mean over seeds")
+        gap.axhline(0, color="k", linewidth=0.5)
+        gap.set(xlabel="epoch", ylabel="dynamic teacher - student (top-1 points)", title="gap, mean over seeds")
+        acc.legend(fontsize=7)
+        gap.legend(fontsize=7)
+        fig.tight_layout()
+        path = images / f"cifar10_{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path, help="OUT of run.sh (holds runs/)")
-    parser.add_argument("--images", type=Path, default=None, help="copy the shown plots here (docs/images)")
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--images", type=Path, default=None, help="write the curves here (docs/images)")
     args = parser.parse_args()
-    text = table(args.root)
-    (args.root / "results.md").write_text(text + "\n")
+    arms, teacher = load(args.results)
+    if not arms:
+        raise SystemExit(f"no results in {args.results}: run experiments/cifar10/protocol.py first")
+    text = (f"Per arm (top-1 %, last evaluation, mean ± std over seeds):\n\n{arm_table(arms, teacher)}\n\n"
+            f"Paired by seed (treatment - baseline, top-1 points; bold: the 95% t-interval excludes 0):\n\n"
+            f"{comparison_table(arms)}\n")
+    (args.results / "summary.md").write_text(text)
     print(text)
-    runs = args.root / "runs"
-    reports = {  # plot name -> (runs, labels)
-        "growth": (["a_dkd_gpd_s1"], ["DKD+GPD seed 1"]),
-        "distill": (["a_dkd_s1", "a_dkd_gpd_s1"], ["DKD", "DKD+GPD"]),
-        "scratch": (["a_ce_s1", "b_gpd_s1"], ["CE only", "GPD from scratch"]),
-        "finetune": (["c_plain_s1", "c_gpd_s1"], ["plain fine-tuning", "GPD fine-tuning"]),
-    }
-    for name, (dirs, labels) in reports.items():
-        paths = [runs / d for d in dirs]
-        if not all((p / "metrics.jsonl").is_file() for p in paths):
-            continue
-        pngs, _ = render(paths, args.root / f"report_{name}", labels)
-        if args.images is not None:
-            args.images.mkdir(parents=True, exist_ok=True)
-            for png in pngs:
-                if png.stem == "accuracy" or (png.stem == "gaps" and name == "growth"):
-                    shutil.copy(png, args.images / f"cifar10_{name}_{png.stem}.png")
+    if args.images is not None:
+        for path in curves(arms, args.images):
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":
