@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -26,13 +27,17 @@ def _inspect(args: argparse.Namespace) -> int:
     source_err = f"{s.student_vs_source:.3g}" if model.student_is_source else "n/a (branch mix differs by design)"
     print(f"student         {args.student}  (input {size[0]}x{size[1]}x{size[2]}, r={args.width_ratio}, "
           f"branches={args.branches})")
+    exported = sum(p.numel() for p in model.source.parameters())  # the plain model export writes (CBR merged)
     print(f"{'':16}{'params (M)':>12}{'GMACs/img':>12}")
-    print(f"{'student':16}{s.student_params / 1e6:12.2f}{s.student_gmacs:12.3f}")
-    print(f"{'dynamic teacher':16}{s.teacher_params / 1e6:12.2f}{s.teacher_gmacs:12.3f}")
+    print(f"{'student':16}{exported / 1e6:12.2f}{s.student_gmacs:12.3f}  (params: the exported plain model)")
+    print(f"{'dynamic teacher':16}{s.teacher_params / 1e6:12.2f}{s.teacher_gmacs:12.3f}  (params: trained tensors)")
+    if s.student_params != exported:
+        print(f"the student view trains {s.student_params / 1e6:.2f} M branch tensors, merged into "
+              f"{exported / 1e6:.2f} M parameters at export (channel-branch reparameterization)")
     if model.branches:
         print(f"branch kernel merge per forward (any batch): student {s.student_merge_gmacs:.3f}, "
               f"dynamic teacher {s.teacher_merge_gmacs:.3f} GMACs")
-    print(f"ratio teacher/student: params {s.teacher_params / s.student_params:.2f}x, "
+    print(f"ratio teacher/student: params {s.teacher_params / exported:.2f}x, "
           f"GMACs {s.teacher_gmacs / s.student_gmacs:.2f}x")
     print(f"IR error (max |logit diff|, max |logit| {s.max_logit:.3g}): teacher vs student {s.teacher_vs_student:.3g}, "
           f"student vs source {source_err}")
@@ -63,10 +68,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def available_cores() -> int:
+    """CPU cores this process may use (its affinity mask, e.g. a Slurm allocation), not all the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity masks
+        return os.cpu_count() or 1
+
+
 def _eval(args: argparse.Namespace) -> int:
     from gpd_ds.evaluate import evaluate_artifact
 
-    results = evaluate_artifact(args.path, args.data, args.split, args.batch_size, args.workers, args.weights,
+    workers = available_cores() if args.workers is None else args.workers
+    results = evaluate_artifact(args.path, args.data, args.split, args.batch_size, workers, args.weights,
                                 allow_pipe=args.allow_pipe, max_bad_fraction=args.max_bad_fraction)
     for name, r in results.items():
         print(f"{name:20} top-1 {r['top1']:6.2f}  top-5 {r['top5']:6.2f}  ({r['samples']} images)")
@@ -141,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="shards root with _info.json")
     p.add_argument("--split", default="val")
     p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=None, help="loader processes (default: the cores this process "
+                   "may use)")
     p.add_argument("--weights", default="best", choices=["best", "last", "last_ema"], help="for a run directory")
     p.add_argument("--allow-pipe", action="store_true", help="accept pipe: shard URLs (they run shell commands)")
     p.add_argument("--max-bad-fraction", type=float, default=0.01, help="fail when more than this fraction of "

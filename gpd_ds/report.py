@@ -50,18 +50,30 @@ def _series(rows: list[dict], key: str, x: str) -> tuple[list[float], list[float
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _plot(runs: dict[str, list[dict]], out: Path, title: str, ylabel: str, lines: list[tuple[str, str, str]],
-          x: str) -> Path | None:
-    """One figure: for every run, every (key, label, linestyle) in ``lines`` against ``x``."""
+# line styles and markers that tell the terms of one run apart (its colour tells the runs apart)
+TERM_STYLES = ("-", "--", ":", "-.")
+TERM_MARKERS = (None, "s", "^", "x")
+
+
+def term_lines(keys: list[str]) -> list[tuple[str, str, str, str | None]]:
+    """(key, label, linestyle, marker) for each loss term: a style of its own, cycling styles, then markers."""
+    return [(k, k.removeprefix("train/"), TERM_STYLES[i % len(TERM_STYLES)],
+             TERM_MARKERS[i // len(TERM_STYLES) % len(TERM_MARKERS)]) for i, k in enumerate(keys)]
+
+
+def _plot(runs: dict[str, list[dict]], out: Path, title: str, ylabel: str, lines: list[tuple], x: str) -> Path | None:
+    """One figure: for every run, every (key, label, linestyle[, marker]) in ``lines`` against ``x``. Colour is
+    per run, or per line where a single run draws several (the loss terms)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     drawn = 0
+    colour_per_line = len(runs) == 1 and len(lines) > 1
     for i, (name, rows) in enumerate(runs.items()):
-        colour = f"C{i}"
-        for key, label, style in lines:
+        for j, (key, label, style, *marker) in enumerate(lines):
             xs, ys = _series(rows, key, x)
             if xs:
-                ax.plot(xs, ys, style, color=colour, marker="o" if len(xs) < 30 else None, markersize=3,
-                        label=f"{name}: {label}" if len(runs) > 1 else label)
+                dot = marker[0] if marker else ("o" if len(xs) < 30 else None)
+                ax.plot(xs, ys, style, color=f"C{j if colour_per_line else i}", marker=dot, markersize=3,
+                        markevery=max(1, len(xs) // 12), label=f"{name}: {label}" if len(runs) > 1 else label)
                 drawn += 1
     if not drawn:
         plt.close(fig)
@@ -97,7 +109,7 @@ def render(run_dirs: list[Path], out_dir: Path, labels: list[str] | None = None)
               [("eval/dynamic_teacher_ema/top1", "dynamic teacher EMA", "--"),
                ("eval/student_ema/top1", "student EMA", "-")], "epoch"),
         _plot(runs, out_dir / "losses.png", "Training loss terms", "loss",
-              [(k, k.removeprefix("train/"), "-") for k in term_keys], "step"),
+              term_lines(term_keys), "step"),
         _plot(runs, out_dir / "lr.png", "Learning rate", "lr", [("train/lr", "lr", "-")], "step"),
         _plot(runs, out_dir / "throughput.png", "Throughput", "images/s",
               [("train/images_per_s", "images/s", "-")], "step"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -12,8 +13,8 @@ from gpd_ds.cli import main
 def test_inspect_prints_sizes_gmacs_and_ir_error(capsys: pytest.CaptureFixture) -> None:
     assert main(["inspect", "--student", "torchvision:resnet18", "--image-size", "64"]) == 0
     out = capsys.readouterr().out
-    student = re.search(r"^student\s+([\d.]+)\s+([\d.]+)$", out, re.M)
-    teacher = re.search(r"^dynamic teacher\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    student = re.search(r"^student\s+([\d.]+)\s+([\d.]+)  \(params: the exported plain model\)$", out, re.M)
+    teacher = re.search(r"^dynamic teacher\s+([\d.]+)\s+([\d.]+)  \(params: trained tensors\)$", out, re.M)
     assert float(student.group(1)) == pytest.approx(11.69, abs=0.01)
     assert float(teacher.group(1)) == pytest.approx(45.69, abs=0.01)
     # GMACs scale with the image: 1.814 at 224 px -> (64/224)^2 of that, teacher about 3.9x
@@ -32,3 +33,20 @@ def test_inspect_vit_with_branches(capsys: pytest.CaptureFixture) -> None:
 def test_inspect_unknown_model_exits_2(capsys: pytest.CaptureFixture) -> None:
     assert main(["inspect", "--student", "resnet81"]) == 2
     assert "unknown model 'resnet81'" in capsys.readouterr().err
+
+
+def test_inspect_with_branches_labels_exported_parameters_and_branch_tensors(capsys: pytest.CaptureFixture) -> None:
+    assert main(["inspect", "--student", "resnet18", "--image-size", "32", "--branches"]) == 0
+    out = capsys.readouterr().out
+    student = re.search(r"^student\s+([\d.]+)\s+[\d.]+\s+\(params: the exported plain model\)$", out, re.M)
+    assert float(student.group(1)) == pytest.approx(11.69, abs=0.01)  # resnet18, not its branch tensors
+    assert re.search(r"^dynamic teacher\s+[\d.]+\s+[\d.]+\s+\(params: trained tensors\)$", out, re.M)
+    branch = re.search(r"the student view trains ([\d.]+) M branch tensors, merged into 11.69 M", out)
+    assert float(branch.group(1)) > 30
+
+
+def test_eval_workers_default_to_the_cores_this_process_may_use() -> None:
+    from gpd_ds.cli import available_cores, build_parser
+
+    assert build_parser().parse_args(["eval", "x", "--data", "d"]).workers is None  # resolved when it runs
+    assert 1 <= available_cores() <= (os.cpu_count() or 1)
