@@ -58,13 +58,30 @@ def _make_shards(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from gpd_ds import hub
     from gpd_ds.export import export_run
 
-    out = export_run(Path(args.run_dir), Path(args.out), which=args.weights)
-    sidecar = json.loads(out.with_suffix(".json").read_text())
-    print(f"exported {sidecar['model']} ({sidecar['weights']} weights, step {sidecar['step']}, top-1 "
-          f"{sidecar['top1']}) to {out}; max |logit diff| vs the GPD student mode: "
-          f"{sidecar['max_abs_diff_vs_student_mode']:.3g}; sidecar: {out.with_suffix('.json')}")
+    if not (args.out or args.hf_dir or args.push_to_hub):
+        raise hub.HubError("say where to export: --out FILE.safetensors, --hf-dir DIR (timm's hub layout) and/or "
+                           "--push-to-hub ORG/NAME")
+    if args.push_to_hub:
+        hub.check_push_possible(args.push_to_hub)  # before any work: no token or no network fails here
+    with hub.temporary_dir() as tmp:
+        out = export_run(Path(args.run_dir), Path(args.out or Path(tmp) / "student.safetensors"), which=args.weights)
+        sidecar = json.loads(out.with_suffix(".json").read_text())
+        print(f"exported {sidecar['model']} ({sidecar['weights']} weights, step {sidecar['step']}, top-1 "
+              f"{sidecar['top1']}); max |logit diff| vs the GPD student mode: "
+              f"{sidecar['max_abs_diff_vs_student_mode']:.3g}")
+        if args.out:
+            print(f"  {out} (sidecar {out.with_suffix('.json')})")
+        hf_dir = Path(args.hf_dir or Path(tmp) / "hub")
+        if args.hf_dir or args.push_to_hub:
+            hub.write_hf_dir(out, Path(args.run_dir), hf_dir)
+            if args.hf_dir:
+                print(f"  {hf_dir}: config.json, model.safetensors, README.md (timm.create_model('local-dir:{hf_dir}',"
+                      " pretrained=True))")
+        if args.push_to_hub:
+            print(f"  uploaded to https://huggingface.co/{args.push_to_hub}: {hub.push(hf_dir, args.push_to_hub)}")
     return 0
 
 
@@ -145,7 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a run's student as a plain timm/torchvision model (.safetensors)")
     p.add_argument("run_dir", help="the run directory (holds config.json, checkpoints/, best/)")
-    p.add_argument("--out", required=True, help="output .safetensors path (a .json sidecar is written beside it)")
+    p.add_argument("--out", default=None, help="output .safetensors path (a .json sidecar is written beside it)")
+    p.add_argument("--hf-dir", default=None, help="also write timm's Hugging Face Hub layout here (config.json, "
+                   "model.safetensors, a model card README.md): timm.create_model('local-dir:DIR') loads it")
+    p.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="upload the hub layout with "
+                   "huggingface_hub (token from HF_TOKEN or `huggingface-cli login`); checked before any work")
     p.add_argument("--weights", default="best", choices=["best", "last", "last_ema"],
                    help="best (default: live or EMA weights with the best student top-1), or the newest checkpoint's")
     p.set_defaults(func=_export)

@@ -48,6 +48,18 @@ def single(tmp: Path, args: list[str], ds_config: str = "ds_configs/zero2.json",
     return subprocess.run(cmd, cwd=REPO, env=env(tmp), capture_output=True, text=True, timeout=timeout)
 
 
+def fp32_config(tmp: Path, stage: int) -> str:
+    """The shipped ``ds_configs/zero{stage}.json`` in float32. For tests that compare two engines (ZeRO stages,
+    activation checkpointing): whether they compute the same is a float32 question; in bf16 (this CPU's default)
+    the same sums rounded in another order to 8 bits differ by ~1e-3 at once, and the dynamic teacher's replicas
+    amplify it from there."""
+    ds = json.loads((REPO / f"ds_configs/zero{stage}.json").read_text())
+    ds["torch_autocast"] = {"enabled": False}
+    path = tmp / f"zero{stage}_fp32.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
 def small_data(root: Path) -> Path:
     """160 train / 40 val images of the demo shapes at 32 px, 16 shards."""
     return demo_dataset(root, train_per_class=16, val_per_class=4, size=32, shard_size=10, seed=3)

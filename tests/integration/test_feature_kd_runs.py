@@ -15,6 +15,7 @@ from gpd_ds.export import export_run, rebuild, run_record, run_weights
 from tests.integration.launch_helpers import (
     NUM_CLASSES,
     check,
+    fp32_config,
     launch,
     overrides,
     teacher_file,
@@ -39,7 +40,7 @@ def _args(tmp: Path, run: Path, **extra: object) -> list[str]:
 def _run(tmp: Path, name: str, stage: int, **extra: object) -> Path:
     run = tmp / name
     if not (run / "checkpoints").is_dir():
-        check(launch(tmp, 2, _args(tmp, run, **extra), ds_config=f"ds_configs/zero{stage}.json"))
+        check(launch(tmp, 2, _args(tmp, run, **extra), ds_config=fp32_config(tmp, stage)))
     return run
 
 
@@ -67,8 +68,8 @@ def test_zero3_reviewkd_resume_is_bitwise(workspace: Path) -> None:
     """The connectors are partitioned, checkpointed and resumed with the model: stop at step 4, resume to 8."""
     full = _run(workspace, "zero3", 3)
     part = workspace / "zero3-part"
-    check(launch(workspace, 2, _args(workspace, part, **{"run.max_steps": 4}), ds_config="ds_configs/zero3.json"))
-    check(launch(workspace, 2, _args(workspace, part), ds_config="ds_configs/zero3.json"))
+    check(launch(workspace, 2, _args(workspace, part, **{"run.max_steps": 4}), ds_config=fp32_config(workspace, 3)))
+    check(launch(workspace, 2, _args(workspace, part), ds_config=fp32_config(workspace, 3)))
     assert train_losses(part) == train_losses(full)
     last_full, _ = run_weights(full, "last")
     last_part, _ = run_weights(part, "last")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpd_ds.engine import cpu_has_native_bf16
-from tests.integration.launch_helpers import REPO, check, overrides, single, train_losses, workspace_with_data
+from tests.integration.launch_helpers import check, fp32_config, overrides, single, train_losses, workspace_with_data
 
 pytestmark = pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16: every run is fp32")
 
@@ -21,21 +21,13 @@ pytestmark = pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has 
 FIRST_STEP_RTOL, MEAN_RTOL = 1e-2, 3e-2
 
 
-def _fp32_config(tmp: Path) -> Path:
-    ds = json.loads((REPO / "ds_configs/zero2.json").read_text())
-    ds["torch_autocast"] = {"enabled": False}
-    path = tmp / "zero2_fp32.json"
-    path.write_text(json.dumps(ds))
-    return path
-
-
 @pytest.mark.parametrize("scenario", ["gpd", "plain"])
 def test_bf16_losses_stay_close_to_fp32(tmp_path: Path, scenario: str) -> None:
     workspace_with_data(tmp_path)
     args = overrides(tmp_path / "data", **{"model.static_teacher_checkpoint": tmp_path / "teacher.safetensors",
                                            "model.method": scenario, "optim.epochs": 3})
     losses, resolved = {}, {}
-    for name, ds_config in (("bf16", "ds_configs/zero2.json"), ("fp32", str(_fp32_config(tmp_path)))):
+    for name, ds_config in (("bf16", "ds_configs/zero2.json"), ("fp32", fp32_config(tmp_path, 2))):
         run = tmp_path / name
         check(single(tmp_path, ["--run-dir", str(run), *args], ds_config=ds_config))
         losses[name] = torch.tensor([loss for _, loss in train_losses(run)])

@@ -24,6 +24,7 @@ from tests.integration.launch_helpers import (
     check,
     deepspeed_cmd,
     env,
+    fp32_config,
     launch,
     overrides,
     single,
@@ -52,7 +53,7 @@ def test_zero1_and_zero2_two_ranks_agree_and_learn(workspace: Path) -> None:
     losses = {}
     for stage in (1, 2):
         run = workspace / f"zero{stage}"
-        check(launch(workspace, 2, ["--run-dir", str(run), *args], ds_config=f"ds_configs/zero{stage}.json"))
+        check(launch(workspace, 2, ["--run-dir", str(run), *args], ds_config=fp32_config(workspace, stage)))
         losses[stage] = [loss for _, loss in train_losses(run)]
         assert json.loads((run / "config.json").read_text())["ds_config"]["zero_optimization"]["stage"] == stage
     assert len(losses[1]) == len(losses[2]) == 60

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from gpd_ds.export import run_weights
-from tests.integration.launch_helpers import check, launch, overrides, train_losses, workspace_with_data
+from tests.integration.launch_helpers import check, fp32_config, launch, overrides, train_losses, workspace_with_data
 
 STUDENTS = {"cnn": ["model.student=test_resnet"],
             "vit": ["model.student=deit_tiny_patch16_224", "model.student_kwargs={\"depth\": 2}"]}
@@ -32,7 +32,7 @@ def _args(tmp: Path, run: Path, student: str, *extra: str) -> list[str]:
 
 def _run(tmp: Path, student: str, stage: int, name: str, *extra: str) -> Path:
     run = tmp / f"{student}-{name}"
-    check(launch(tmp, 2, _args(tmp, run, student, *extra), ds_config=f"ds_configs/zero{stage}.json"))
+    check(launch(tmp, 2, _args(tmp, run, student, *extra), ds_config=fp32_config(tmp, stage)))
     return run
 
 
@@ -82,9 +82,9 @@ def test_zero3_resume_and_export_give_the_zero2_student(workspace: Path) -> None
     if not (uninterrupted / "export").is_dir():
         uninterrupted = _run(workspace, "cnn", 3, "zero3")
     run = workspace / "cnn-zero3-resumed"
-    check(launch(workspace, 2, _args(workspace, run, "cnn", "run.max_steps=10"), ds_config="ds_configs/zero3.json"))
+    check(launch(workspace, 2, _args(workspace, run, "cnn", "run.max_steps=10"), ds_config=fp32_config(workspace, 3)))
     assert [s for s, _ in train_losses(run)] == list(range(1, 11))
-    check(launch(workspace, 2, _args(workspace, run, "cnn"), ds_config="ds_configs/zero3.json"))
+    check(launch(workspace, 2, _args(workspace, run, "cnn"), ds_config=fp32_config(workspace, 3)))
     assert train_losses(run) == train_losses(uninterrupted)  # bitwise across the restart
     s_ref, s_res, s_z3 = _student(reference), _student(run), _student(uninterrupted)
     for k in s_ref:
