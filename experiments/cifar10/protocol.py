@@ -48,7 +48,7 @@ TEACHER = ARTIFACTS / "teacher.safetensors"
 PROTOCOL = {
     "version": 2,
     "per_class": 1000,  # train images per class (10,000 in all)
-    "epochs": 15,
+    "epochs": 20,
     "finetune_epochs": 5,  # arm (c): from the seed's CE student, lr x 0.1 (the recipe's finetune_lr_scale)
     "teacher_epochs": 30,
     "eval_every_epochs": 3,
