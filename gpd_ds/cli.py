@@ -113,6 +113,25 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipes(args: argparse.Namespace) -> int:
+    from gpd_ds.recipes import describe
+
+    rows = describe()
+    cols = ["recipe", "scenario", "student", "static teacher", "dynamic teacher", "epochs", "paper (ImageNet top-1)"]
+    if args.markdown:
+        print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+        for r in rows:
+            print("| " + " | ".join(f"`{r[c]}`" if c == "recipe" else r[c] for c in cols) + " |")
+        return 0
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip())
+    print("\ntrain one: deepspeed launch/train.py --deepspeed_config ds_configs/zero2.json --recipe NAME "
+          "[--set key=value ...]; --print-config shows every value")
+    return 0
+
+
 def _preflight(args: argparse.Namespace) -> int:
     import os
 
@@ -160,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train (same arguments as launch/train.py; see gpd-ds train --help)",
                    add_help=False)
 
+    p = sub.add_parser("recipes", help="list the recipes: scenario, student, teachers, epochs, the paper's numbers")
+    p.add_argument("--markdown", action="store_true", help="a markdown table (the README's)")
+    p.set_defaults(func=_recipes)
+
     p = sub.add_parser("export", help="export a run's student as a plain timm/torchvision model (.safetensors)")
     p.add_argument("run_dir", help="the run directory (holds config.json, checkpoints/, best/)")
     p.add_argument("--out", default=None, help="output .safetensors path (a .json sidecar is written beside it)")
@@ -202,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
-        from gpd_ds.train import main as train_main
+        from gpd_ds.train_cli import main as train_main
 
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -21,12 +21,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from gpd_ds.data.transforms import Augment, train_transform
 from gpd_ds.errors import UserInputError
-from gpd_ds.losses import DYNAMIC_LOSSES, KD_CHOICES
-from gpd_ds.models import TORCHVISION_PREFIX, create_model, unknown_model
+
+# This module imports neither torch nor timm (the checks that need them import them when they run): the recipes and
+# `gpd-ds train --help` read it in a fraction of a second.
+
+TORCHVISION_PREFIX = "torchvision:"
+KD_KINDS = ("dkd", "kl", "none")  # the logit term psi of the GPD loss
+FEATURE_KINDS = ("reviewkd", "none")
+# loss.kd: a logit term, feature distillation, or both
+KD_CHOICES = ("dkd", "kl", "reviewkd", "dkd+reviewkd", "kl+reviewkd", "none")
+DYNAMIC_LOSSES = ("sce", "ce", "mse", "l1")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,6 +39,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class ConfigError(UserInputError, ValueError):
     """A configuration value cannot be used (names the key, the value and the fix)."""
+
+
+@dataclass
+class Augment:
+    """Train-time augmentation (:mod:`gpd_ds.data.transforms` builds it). Defaults are the CNN recipe
+    (RandomResizedCrop + flip only)."""
+
+    pad_crop: int = 0  # > 0: CIFAR-style RandomCrop with this zero padding instead of RandomResizedCrop
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    color_jitter: float = 0.0
+    auto_augment: str | None = None  # e.g. "rand-m9-mstd0.5-inc1" (DeiT)
+    interpolation: str = "bilinear"
+    random_erasing: float = 0.0  # probability, applied on the device (DeiT: 0.25)
+    mixup: float = 0.0  # alpha (DeiT: 0.8)
+    cutmix: float = 0.0  # alpha (DeiT: 1.0)
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.0  # folded into the mixed targets (DeiT: 0.1)
 
 
 @dataclass
@@ -430,6 +454,10 @@ def _check_models(cfg: TrainConfig) -> None:
     """Unknown model names, from the registries; ``student_kwargs`` its constructor rejects, from a trial build on
     the meta device (no memory, no weights; a fraction of a second for a ViT), so the mistake shows before the
     data is scanned rather than after."""
+    import torch
+
+    from gpd_ds.models import create_model, unknown_model
+
     m = cfg.model
     for key, name in (("model.student", m.student), ("model.static_teacher", m.static_teacher)):
         problem = None if name is None else unknown_model(name)
@@ -453,6 +481,8 @@ def _check_auto_augment(cfg: TrainConfig) -> None:
     """A policy string timm cannot parse (its parsers assert), found by building the train transform: no data."""
     if not cfg.data.augment.auto_augment:
         return
+    from gpd_ds.data.transforms import train_transform
+
     try:
         train_transform(cfg.data.image_size, cfg.data.augment, cfg.data.mean)
     except (AssertionError, ValueError, KeyError) as e:

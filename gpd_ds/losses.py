@@ -13,15 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gpd_ds.config import DYNAMIC_LOSSES, FEATURE_KINDS, KD_CHOICES, KD_KINDS
 from gpd_ds.reviewkd import hcl
 
 Logits = Tensor | tuple[Tensor, Tensor]  # a DeiT distilled model in distilled training: (class, distillation) heads
 
-KD_KINDS = ("dkd", "kl", "none")  # the logit term psi
-FEATURE_KINDS = ("reviewkd", "none")
-# loss.kd: a logit term, feature distillation, or both
-KD_CHOICES = ("dkd", "kl", "reviewkd", "dkd+reviewkd", "kl+reviewkd", "none")
-DYNAMIC_LOSSES = ("sce", "ce", "mse", "l1")
 
 
 def split_kd(kd: str) -> tuple[str, str]:

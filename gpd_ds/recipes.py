@@ -9,8 +9,16 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 
-from gpd_ds.config import ConfigError, DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
-from gpd_ds.data.transforms import Augment
+from gpd_ds.config import (
+    Augment,
+    ConfigError,
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+)
 
 
 def _cnn_data() -> DataConfig:
@@ -205,6 +213,42 @@ RECIPES: dict[str, Callable[[], TrainConfig]] = {
                             resnet18_finetune, deit_tiny_from_deit_small, deit_small_from_deit_base,
                             vit_base_from_vit_large, deit_tiny_distilled_from_deit_small, cifar10, cifar10_teacher)
 }
+
+
+# what `gpd-ds recipes` and `gpd-ds train --help` say of each recipe besides its config: the scenario (resnet18_finetune
+# becomes (c) once the user sets model.student_checkpoint) and the paper's ImageNet top-1, baseline -> GPD
+CATALOG: dict[str, tuple[str, str]] = {
+    "resnet18_from_resnet34": ("(a) static teacher", "DKD 71.70 -> DKD + GPD 72.71"),
+    "mobilenet_from_resnet50": ("(a) static teacher", "DKD 72.05 -> DKD + GPD 73.63"),
+    "resnet18_from_resnet34_reviewkd": ("(a) static teacher", "ReviewKD 71.61 -> ReviewKD + GPD 72.50"),
+    "mobilenet_from_resnet50_reviewkd": ("(a) static teacher", "ReviewKD 72.56 -> ReviewKD + GPD 73.21"),
+    "resnet18_scratch": ("(b) from scratch", "70.07 -> GPD 71.87"),
+    "resnet18_finetune": ("(c) fine-tuning (set model.student_checkpoint)", "70.23 -> GPD 71.12"),
+    "deit_tiny_from_deit_small": ("(a) static teacher", "-"),
+    "deit_small_from_deit_base": ("(a) static teacher", "-"),
+    "vit_base_from_vit_large": ("(a) static teacher", "-"),
+    "deit_tiny_distilled_from_deit_small": ("(a) static teacher", "-"),
+    "cifar10": ("(a) static teacher", "- (docs/results_cifar10.md)"),
+    "cifar10_teacher": ("plain (the CIFAR-10 teacher)", "-"),
+    "demo": ("(a) static teacher", "- (offline demo data)"),
+    "demo_teacher": ("plain (the demo teacher)", "-"),
+}
+
+
+def describe() -> list[dict[str, str]]:
+    """One row per recipe: name, scenario, method, student, static teacher, epochs, paper, first docstring line."""
+    rows = []
+    for name, build in RECIPES.items():
+        cfg = build()
+        scenario, paper = CATALOG[name]
+        m = cfg.model
+        rows.append({"recipe": name, "scenario": scenario, "method": m.method, "student": m.student,
+                     "static teacher": m.static_teacher or "-",
+                     "dynamic teacher": (f"r={m.width_ratio}" + (", branches" if m.branches else ""))
+                     if m.method == "gpd" else "-",
+                     "epochs": str(cfg.optim.epochs), "paper (ImageNet top-1)": paper,
+                     "about": (build.__doc__ or "").strip().split("\n")[0]})
+    return rows
 
 
 def get_recipe(name: str) -> TrainConfig:

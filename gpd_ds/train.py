@@ -547,24 +547,6 @@ def _update_best(best: dict, metrics: dict, step: int, module: nn.Module, ema: M
 # ---------------------------------------------------------------------------------------------------- entry point
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gpd-ds train", description="Train with Gap Preserving Distillation on DeepSpeed. With no data "
-        "arguments it runs the embedded demo.")
-    parser.add_argument("--recipe", default="demo", help="named config (default: demo); see gpd_ds/recipes.py")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set data.root=/data/in1k-wds --set optim.epochs=90")
-    parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<recipe>-<time>)")
-    parser.add_argument("--resume", default="auto", help="auto (newest good checkpoint in the run dir), a "
-                        "checkpoint or run directory, or none (refused where checkpoints exist, see --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="with --resume none: delete the run directory's "
-                        "old checkpoints, best weights and metrics.jsonl, then start from step 0")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    deepspeed.add_config_arguments(parser)
-    return parser
-
-
 def _setup_logging(run_dir: Path, rank: int) -> None:
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -657,7 +639,14 @@ def _writable_run_dir(run_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """``gpd-ds train`` / ``launch/train.py`` in-process: parse (:mod:`gpd_ds.train_cli`), then :func:`run`."""
+    from gpd_ds.train_cli import build_parser
+
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train with the parsed arguments of :func:`gpd_ds.train_cli.build_parser`."""
     stop = StopRequest().install()  # first: a SIGTERM during start-up must not kill the rank either
     try:
         cfg = apply_overrides(get_recipe(args.recipe), args.overrides).validate()

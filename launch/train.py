@@ -3,7 +3,7 @@
 
 import sys
 
-from gpd_ds.train import main
+from gpd_ds.train_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

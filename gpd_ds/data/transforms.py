@@ -12,7 +12,6 @@ channels_last and applies random erasing and mixup/cutmix on the device, as timm
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
@@ -21,23 +20,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import str_to_pil_interp
 from torchvision.transforms import InterpolationMode, v2
 
-
-@dataclass
-class Augment:
-    """Train-time augmentation. Defaults are the CNN recipe (RandomResizedCrop + flip only)."""
-
-    pad_crop: int = 0  # > 0: CIFAR-style RandomCrop with this zero padding instead of RandomResizedCrop
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    color_jitter: float = 0.0
-    auto_augment: str | None = None  # e.g. "rand-m9-mstd0.5-inc1" (DeiT)
-    interpolation: str = "bilinear"
-    random_erasing: float = 0.0  # probability, applied on the device (DeiT: 0.25)
-    mixup: float = 0.0  # alpha (DeiT: 0.8)
-    cutmix: float = 0.0  # alpha (DeiT: 1.0)
-    mixup_switch_prob: float = 0.5
-    label_smoothing: float = 0.0  # folded into the mixed targets (DeiT: 0.1)
+from gpd_ds.config import Augment
 
 
 class TensorTransform:

@@ -8,10 +8,10 @@ import timm
 import torchvision
 from torch import nn
 
+from gpd_ds.config import TORCHVISION_PREFIX  # defined in config, which needs it without importing torch
 from gpd_ds.errors import UserInputError
 from gpd_ds.models import cifar, mobilenet  # noqa: F401  (register cifar_resnet* and mobilenetv1_relu with timm)
 
-TORCHVISION_PREFIX = "torchvision:"
 TIMM_PREFIX = "timm:"
 
 

@@ -50,3 +50,43 @@ def test_eval_workers_default_to_the_cores_this_process_may_use() -> None:
 
     assert build_parser().parse_args(["eval", "x", "--data", "d"]).workers is None  # resolved when it runs
     assert 1 <= available_cores() <= (os.cpu_count() or 1)
+
+
+def test_recipes_lists_every_recipe_with_scenario_teachers_epochs_and_paper(capsys: pytest.CaptureFixture) -> None:
+    from gpd_ds.recipes import CATALOG, RECIPES
+
+    assert CATALOG.keys() == RECIPES.keys()
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name, build in RECIPES.items():
+        cfg = build()
+        row = next(line for line in out.splitlines() if line.split()[:1] == [name])
+        assert cfg.model.student in row
+        assert (cfg.model.static_teacher or "-") in row
+        assert f"  {cfg.optim.epochs}  " in row
+        assert CATALOG[name][1] in row
+        # the listed scenario is the config's, except where the user supplies the student's weights
+        expected = {"distill": "(a)", "scratch": "(b)", "finetune": "(c)"}[cfg.scenario]
+        assert CATALOG[name][0].startswith((expected, "plain", "(c)"))
+    assert "DKD 71.70 -> DKD + GPD 72.71" in out
+    assert main(["recipes", "--markdown"]) == 0
+    assert "| `resnet18_from_resnet34` | (a) static teacher |" in capsys.readouterr().out
+
+
+def test_train_help_names_the_recipes_without_importing_torch() -> None:
+    import subprocess
+    import sys
+    import time
+
+    from gpd_ds.recipes import RECIPES
+
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "gpd_ds.cli", "train", "--help"], capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    assert done.returncode == 0, done.stderr
+    for name in RECIPES:
+        assert f"  {name} " in done.stdout
+    assert "--deepspeed_config" in done.stdout
+    print(f"gpd-ds train --help: {elapsed:.2f} s in a fresh interpreter")  # measured, not asserted (-s shows it)
+    probe = "import sys, gpd_ds.train_cli; print(sorted(m for m in ('torch', 'timm', 'deepspeed') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"

@@ -62,7 +62,7 @@ def _validate(*overrides: str) -> TrainConfig:
                                                 "num_classes (it comes from the data)"),
     # the rest of the table, one per kind of rule
     ("model.width_ratio=1", "model.width_ratio=1 is invalid: use an integer >= 2"),
-    ("model.method=distill", "model.method='distill' is invalid: use gpd or plain"),
+    ("model.method=distill", "model.method='distill' is invalid: use gpd, plain or peer"),
     ("model.noise_std=-1e-6", "model.noise_std=-1e-06 is invalid: use a standard deviation >= 0"),
     ("data.image_size=4", "data.image_size=4 is invalid: use the training resolution"),
     ("data.interpolation=nearest", "data.interpolation='nearest' is invalid: use bilinear or bicubic"),
