@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import io
 import os
 import random
 import socket
@@ -54,8 +55,12 @@ def init() -> DistInfo:
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         remove_stale_shm_buffers()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                   timeout=COLLECTIVE_TIMEOUT)
+        # on a CPU this builds DeepSpeed's shared-memory op, which prints a success line from every rank: rank 0's
+        # is enough (a failure raises, on every rank)
+        quiet = contextlib.redirect_stdout(io.StringIO()) if os.environ["RANK"] != "0" else contextlib.nullcontext()
+        with quiet:
+            deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                       timeout=COLLECTIVE_TIMEOUT)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":

@@ -562,7 +562,8 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
     file.setFormatter(fmt)
     root.addHandler(console)
     root.addHandler(file)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed's own warnings once (rank 0); other ranks print only gpd_ds's warnings and errors
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING if rank == 0 else logging.ERROR)
 
 
 def _log_to_files(message: str, exc_info=None) -> None:
@@ -640,9 +641,11 @@ def _writable_run_dir(run_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``gpd-ds train`` / ``launch/train.py`` in-process: parse (:mod:`gpd_ds.train_cli`), then :func:`run`."""
-    from gpd_ds.train_cli import build_parser
+    from gpd_ds.train_cli import build_parser, quiet_ranks
 
-    return run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    quiet_ranks()
+    return run(args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import warnings
 
 from gpd_ds.recipes import describe
 
@@ -39,8 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_ranks() -> None:
+    """Before DeepSpeed is imported, keep every rank's output to what a user can act on: without CUDA, name
+    DeepSpeed's CPU accelerator (it picks it anyway, after a warning on every rank; gpd_ds runs on CUDA or the CPU);
+    drop torch's deprecation notice that DeepSpeed's ZeRO all-gather triggers on every rank; on ranks other than 0,
+    torch's note that it builds DeepSpeed's CPU communication op without CUDA."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+    if os.environ.get("RANK", "0") != "0":
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_ranks()
     from gpd_ds.train import run
 
     return run(args)

@@ -96,5 +96,15 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
 
 
+def assert_quiet_ranks(result: subprocess.CompletedProcess) -> None:
+    """A 2-rank job's output: DeepSpeed's accelerator warning only from its two launcher processes (not from the
+    ranks), no deprecation notice, the CPU communication op's build notes from rank 0 only."""
+    out = result.stdout + result.stderr
+    assert out.count("Setting accelerator to CPU") <= 2, out[-3000:]
+    assert "all_gather_into_tensor` is deprecated" not in out
+    assert out.count("No CUDA runtime is found") <= 1, out[-3000:]
+    assert out.count("shm_comm_op built successfully") <= 1, out[-3000:]
+
+
 def check(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

@@ -21,6 +21,7 @@ from gpd_ds.train import main as train_main
 from tests.integration.launch_helpers import (
     NUM_CLASSES,
     REPO,
+    assert_quiet_ranks,
     check,
     deepspeed_cmd,
     env,
@@ -53,7 +54,9 @@ def test_zero1_and_zero2_two_ranks_agree_and_learn(workspace: Path) -> None:
     losses = {}
     for stage in (1, 2):
         run = workspace / f"zero{stage}"
-        check(launch(workspace, 2, ["--run-dir", str(run), *args], ds_config=fp32_config(workspace, stage)))
+        result = launch(workspace, 2, ["--run-dir", str(run), *args], ds_config=fp32_config(workspace, stage))
+        check(result)
+        assert_quiet_ranks(result)
         losses[stage] = [loss for _, loss in train_losses(run)]
         assert json.loads((run / "config.json").read_text())["ds_config"]["zero_optimization"]["stage"] == stage
     assert len(losses[1]) == len(losses[2]) == 60
