@@ -363,12 +363,14 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
     config = json.loads(json.dumps(cfg.to_dict(), default=str))
     resumed = checkpoint.resume(engine, resume, ckpt_root, info, config, zero_stage(r.ds))
     client = resumed.client if resumed is not None else None
+    # a checkpoint of another run directory starts a new run here (its own metrics.jsonl and W&B run)
+    foreign = resumed is not None and resumed.path.parent != ckpt_root
     global_batch = r.ds["train_batch_size"]
     record = {"config": config, "scenario": cfg.scenario, "ds_config": r.ds, "world_size": info.world_size,
               "device": str(info.device), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "classes": r.classes, "lr": r.lr, "steps_per_epoch": spe, "total_steps": r.total_steps,
               "resident_parameters_per_rank": distributed.all_gather_object(resident_parameters(engine.module)),
-              "versions": _versions()}
+              "versions": _versions(), "resumed_from": str(resumed.path) if foreign else None}
     if info.is_main:  # after the resume decision: a refused resume leaves the old run's record as it was
         (run_dir / "config.json").write_text(json.dumps(record, indent=1, default=str))
         log.info("run %s: recipe %s, scenario %s, %s on %d x %s, global batch %d (%d x %d ranks x %d), lr %.4g, "
@@ -385,6 +387,8 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
         if ema is not None:
             ema.load_state_dict(client["ema"])
         kept.update(client["kept"])
+        if foreign:  # two directories must not write into one W&B run; the source is in the config instead
+            kept["wandb_run_id"] = None
         kept["best"] = _best_on_disk(run_dir, engine.global_steps, kept["best"])
     meta = {"lineage": lineage, "zero_stage": zero_stage(r.ds), "config": config}
     wandb_has = -1

@@ -119,3 +119,17 @@ def test_progress_writes_plain_lines_when_not_a_terminal(caplog: pytest.LogCaptu
             bar.update(1, loss=1.5)
     lines = [r.message for r in caplog.records]
     assert any("train: 3/10 step" in line and "loss 1.5" in line and "eta" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_resuming_another_directorys_checkpoint_starts_a_new_wandb_run(workspace: Path) -> None:
+    source, fork = workspace / "fork-source", workspace / "fork"
+    check(_run(workspace, source, {}, "--set", "run.max_steps=10"))
+    check(_run(workspace, fork, {}, "--resume", str(source / "checkpoints" / "step000000010")))
+    (first,), (second,) = ((read_run(f) for f in sorted((d / "wandb").glob("offline-run-*/run-*.wandb")))
+                           for d in (source, fork))
+    assert first["run_id"] != second["run_id"]
+    assert second["train_steps"] == list(range(11, 21))  # the fork goes on from the source's step
+    assert second["config"]["resumed_from"] == str(source / "checkpoints" / "step000000010")
+    assert json.loads((fork / "config.json").read_text())["resumed_from"] == second["config"]["resumed_from"]
+    assert json.loads((source / "config.json").read_text())["resumed_from"] is None
