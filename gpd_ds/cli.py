@@ -132,6 +132,23 @@ def _recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wandb_dashboard(args: argparse.Namespace) -> int:
+    from gpd_ds import dashboard
+
+    workspace = dashboard.build(args.entity, args.project, args.name)
+    for section in workspace.sections:
+        print(f"{section.name}:")
+        for panel in section.panels:
+            print(f"  {panel.title}")
+    print(f"runs grouped by config.{dashboard.GROUP_BY}")
+    if not dashboard.online():
+        print("W&B is offline here (no WANDB_API_KEY or `wandb login`, or WANDB_MODE=offline): the view above was "
+              "built and checked, and nothing was saved. Run this again where W&B is online.")
+        return 0
+    print(f"saved: {dashboard.save(workspace, args.url)}")
+    return 0
+
+
 def _preflight(args: argparse.Namespace) -> int:
     import os
 
@@ -212,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: FIRST_RUN_DIR/report)")
     p.add_argument("--labels", nargs="+", default=None, help="a name per run for the legends (e.g. KD GPD)")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("wandb-dashboard", help="create (or update) the GPD W&B workspace view: growth, gaps, EMA, "
+                       "loss terms, system, grouped by scenario (needs gpd-ds[dashboard])")
+    p.add_argument("--entity", required=True, help="W&B entity (user or team)")
+    p.add_argument("--project", required=True, help="W&B project the runs log to (track.project, default gpd_ds)")
+    p.add_argument("--name", default="GPD: dynamic teacher growth", help="the view's name")
+    p.add_argument("--url", default=None, help="update the view at this URL (one this command saved) instead")
+    p.set_defaults(func=_wandb_dashboard)
 
     p = sub.add_parser("preflight", help="check this node before a launch: hostfile, GPUs, data (used by launch/)")
     p.add_argument("--hostfile", default=None)

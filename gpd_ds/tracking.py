@@ -18,7 +18,9 @@ Metric names (the same in both sinks):
   ``train/bad_samples``;
 * every evaluation: ``eval/<model>/top1`` and ``/top5`` for ``student``, ``dynamic_teacher``, ``static_teacher``,
   ``student_ema``, ``dynamic_teacher_ema``; ``eval/gap/static_minus_dynamic``, ``eval/gap/dynamic_minus_student``,
-  ``eval/dynamic_teacher/growth`` (top-1 gained since the start of training); plus ``epoch`` and ``samples``
+  ``eval/dynamic_teacher/growth`` (top-1 gained since the start of training), ``eval/dynamic_teacher/
+  replica_divergence`` (how far the replicas of its widened tensors have moved apart:
+  :meth:`~gpd_ds.gpd.model.GPDModel.replica_divergence`); plus ``epoch`` and ``samples``
   (images seen), which W&B uses as the x-axes of the eval metrics.
 """
 
@@ -51,7 +53,8 @@ def wandb_mode(cfg: TrackConfig) -> str:
 
 def eval_metrics(results: dict[str, dict[str, float]], start_dynamic_top1: float | None) -> dict[str, float]:
     """Flat eval metrics, with the two gaps and the dynamic teacher's growth."""
-    out = {f"eval/{name}/{k}": v for name, r in results.items() for k, v in r.items() if k in ("top1", "top5")}
+    out = {f"eval/{name}/{k}": v for name, r in results.items() for k, v in r.items()
+           if k in ("top1", "top5", "replica_divergence")}
     if "dynamic_teacher" in results:
         dynamic = results["dynamic_teacher"]["top1"]
         out["eval/gap/dynamic_minus_student"] = dynamic - results["student"]["top1"]

@@ -321,6 +321,8 @@ def _evaluate(r: _Run, cfg: TrainConfig, info: DistInfo, static_metrics: dict | 
     r.engine.module.train()
     if static_metrics is not None:
         result["static_teacher"] = static_metrics
+    if info.is_main and "dynamic_teacher" in result and hasattr(module, "replica_divergence"):
+        result["dynamic_teacher"]["replica_divergence"] = module.replica_divergence()
     return result
 
 

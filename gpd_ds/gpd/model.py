@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
-from gpd_ds.gpd.layers import STUDENT, TEACHER, TensorSpec, WideModule, mode_scope, pair_scope, student_view
+from gpd_ds.gpd.layers import (
+    STUDENT,
+    TEACHER,
+    TensorSpec,
+    WideModule,
+    _grouped,
+    mode_scope,
+    pair_scope,
+    student_view,
+)
 
 BOTH = "both"
 
@@ -125,6 +135,40 @@ class GPDModel(nn.Module):
                 total += sum(m.student_tensor(n).numel() for n in m.specs if isinstance(getattr(m, n), nn.Parameter))
         return total + sum(self.raw_student_tensor(*raw).numel() for raw in self.raw_parameters)
 
+    @torch.no_grad()
+    def replica_divergence(self) -> float:
+        """How far the dynamic teacher has grown beyond a tiled student, one number: every wide tensor split into
+        its replicas (``r**k`` blocks for ``k`` widened dimensions; IR makes them equal up to the noise),
+        ``sqrt(sum ||block - mean||^2 / sum ||mean||^2)`` over all blocks of all wide tensors. ~``noise_std`` at
+        IR, and it grows as the replicas learn different features. Needs the full tensors (ZeRO-3: gathered)."""
+        spread, base = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for tensor, spec in self._wide_tensors():
+            blocks = _replica_blocks(tensor.detach().double(), spec, self.width_ratio)
+            mean = blocks.mean(0)
+            spread += (blocks - mean).pow(2).sum().cpu()
+            base += mean.pow(2).sum().cpu() * blocks.shape[0]
+        return float((spread / base).sqrt()) if base > 0 else 0.0
+
+    def _wide_tensors(self):
+        for m in self.net.modules():
+            if isinstance(m, WideModule):
+                for name, spec in m.specs.items():
+                    tensor = getattr(m, name)
+                    if isinstance(tensor, nn.Parameter) and spec.dims:
+                        yield tensor, spec
+        for path, name, spec in self.raw_parameters:
+            if spec.dims:
+                yield self.net.get_submodule(path).parametrizations[name].original, spec
+
     def extra_repr(self) -> str:
         return (f"width_ratio={self.width_ratio}, source={type(self.source).__name__}, "
                 f"branches={self.branches}")
+
+
+def _replica_blocks(t: Tensor, spec: TensorSpec, r: int) -> Tensor:
+    """A wide tensor as (replicas, elements): each widened dimension split into (r, width), the r-axes first."""
+    t, dims = _grouped(t, spec)
+    for d in sorted(dims, reverse=True):  # highest first, so the lower dimensions keep their index
+        t = t.unflatten(d, (r, t.shape[d] // r))
+    axes = [d + sum(e < d for e in dims) for d in dims]  # where each r-axis ended up
+    return t.movedim(axes, list(range(len(axes)))).reshape(r ** len(dims), -1)

@@ -309,3 +309,20 @@ def test_gpd_pass_runs_no_more_activation_sized_ops_than_two_plain_models(name: 
     got = _activation_sized_ops(gpd, batch)
     assert sum(got.values()) <= 2 * sum(plain.values()), {
         op: (got[op], 2 * plain[op]) for op in got.keys() | plain.keys() if got[op] != 2 * plain[op]}
+
+
+def test_replica_divergence_is_the_noise_at_ir_and_measures_moved_replicas() -> None:
+    from gpd_ds.gpd.layers import TensorSpec
+    from gpd_ds.gpd.model import _replica_blocks
+
+    torch.manual_seed(0)
+    model = expand(create_model("resnet18", num_classes=10), input_size=(3, 32, 32), noise_std=0.0, verify=False)
+    assert model.replica_divergence() == 0.0  # IR without noise: every replica equal
+    # a (4, 2) tensor widened on both dims at r = 2 has four blocks, each one of the 2x1 corners
+    t = torch.arange(8.0).reshape(4, 2)
+    blocks = _replica_blocks(t, TensorSpec(dims=(0, 1), scaled=False), 2)
+    assert blocks.tolist() == [[0.0, 2.0], [1.0, 3.0], [4.0, 6.0], [5.0, 7.0]]
+    with torch.no_grad():  # move one replica of one wide tensor: the measure sees it
+        wide = next(p for p in model.parameters() if p.ndim == 4)
+        wide[: wide.shape[0] // 2].mul_(1.5)
+    assert model.replica_divergence() > 1e-3

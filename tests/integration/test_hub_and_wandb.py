@@ -1,4 +1,5 @@
-"""gpd-ds export --hf-dir / --push-to-hub: timm's hub layout, loaded back by timm alone (offline)."""
+"""The ecosystem around a run, offline: gpd-ds export --hf-dir / --push-to-hub (timm's hub layout, loaded back by
+timm alone), and gpd-ds wandb-dashboard (the workspace view, built against the metric names a run logs)."""
 
 from __future__ import annotations
 
@@ -99,3 +100,35 @@ def test_push_to_hub_needs_an_org_and_a_name(tmp_path: Path, repo: str, capsys) 
 def test_export_without_a_target_says_which_flags_exist(tmp_path: Path, capsys) -> None:
     assert cli_main(["export", str(tmp_path)]) == 2
     assert "--out FILE.safetensors, --hf-dir DIR" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_wandb_dashboard_builds_offline_from_the_metrics_a_run_logs(run: Path, monkeypatch, capsys) -> None:
+    from gpd_ds import dashboard
+
+    logged = set().union(*(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()))
+    gpu_only = {"train/gpu_mem_gb"}
+    assert dashboard.metric_names() - gpu_only <= logged | {"best/student_top1"}  # the summary key
+    view = dashboard.build("my-team", "gpd_ds")
+    assert [s.name for s in view.sections] == ["Dynamic teacher growth", "EMA", "Loss terms", "System"]
+    growth = view.sections[0].panels[0]
+    assert growth.x == "epoch"
+    assert growth.y == ["eval/static_teacher/top1", "eval/dynamic_teacher/top1", "eval/student/top1"]
+    assert "eval/dynamic_teacher/replica_divergence" in dashboard.metric_names()
+    assert view._to_model().model_dump_json()  # the whole view converts to what W&B's API receives
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert cli_main(["wandb-dashboard", "--entity", "my-team", "--project", "gpd_ds"]) == 0
+    out = capsys.readouterr().out
+    assert "Dynamic teacher: replica divergence" in out
+    assert "nothing was saved" in out
+
+
+@pytest.mark.slow
+def test_replica_divergence_is_logged_and_grows_from_ir(run: Path) -> None:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    key = "eval/dynamic_teacher/replica_divergence"
+    values = [r[key] for r in rows if key in r]
+    assert len(values) >= 2
+    assert values[0] < 1e-3  # at IR the replicas differ only by the symmetry-breaking noise
+    assert values[-1] > 10 * values[0]
