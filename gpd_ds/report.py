@@ -105,6 +105,9 @@ def render(run_dirs: list[Path], out_dir: Path, labels: list[str] | None = None)
               [(f"eval/{m}/top1", label, style) for m, label, style in MODELS], "epoch"),
         _plot(runs, out_dir / "gaps.png", "Gaps between the models", "top-1 difference (points)",
               list(GAPS), "epoch"),
+        _plot(runs, out_dir / "divergence.png", "Replica divergence of the dynamic teacher (0 at IR: a tiled student)",
+              "relative spread of the replicas", [("eval/dynamic_teacher/replica_divergence", "replica divergence",
+                                                   "-")], "epoch"),
         _plot(runs, out_dir / "ema.png", "Top-1 of the EMA weights", "top-1 (%)",
               [("eval/dynamic_teacher_ema/top1", "dynamic teacher EMA", "--"),
                ("eval/student_ema/top1", "student EMA", "-")], "epoch"),
@@ -122,12 +125,16 @@ def render(run_dirs: list[Path], out_dir: Path, labels: list[str] | None = None)
 
 def _final(rows: list[dict], key: str) -> str:
     values = [r[key] for r in rows if key in r]
-    return f"{values[-1]:.2f}" if values else "-"
+    if not values:
+        return "-"
+    v = values[-1]
+    return f"{v:.2f}" if v == 0 or abs(v) >= 0.01 else f"{v:.2e}"  # the replica divergence starts near 1e-5
 
 
 def _html(runs: dict[str, list[dict]], pngs: list[Path]) -> str:
     cols = ["eval/static_teacher/top1", "eval/dynamic_teacher/top1", "eval/student/top1", "eval/student_ema/top1",
-            "eval/gap/static_minus_dynamic", "eval/gap/dynamic_minus_student", "eval/dynamic_teacher/growth"]
+            "eval/gap/static_minus_dynamic", "eval/gap/dynamic_minus_student", "eval/dynamic_teacher/growth",
+            "eval/dynamic_teacher/replica_divergence"]
     head = "".join(f"<th>{html.escape(c.removeprefix('eval/'))}</th>" for c in cols)
     body = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{max((r['step'] for r in rows), default=0)}</td>"
