@@ -1,12 +1,14 @@
 """Summarise the CIFAR-10 protocol (experiments/cifar10/protocol.py) from its result files only.
 
     python experiments/cifar10/summarize.py [--results experiments/cifar10/results] [--images docs/images]
+                                            [--doc docs/results_cifar10.md]
 
 Prints (and writes to ``results/summary.md``) the per-arm table (mean, std over seeds, each seed), the paired
 comparisons (mean of the per-seed differences, 95% t-interval over the seeds, seeds that gained) and the cost;
 with ``--images``, the growth and gap curves (mean over seeds, per evaluation). Accuracies are the **last**
 evaluation (end of training), never the best one: the test split is the only held-out data, so picking the best
-evaluation would select on it.
+evaluation would select on it. With ``--doc``, the summary replaces what lies between the page's
+``<!-- results:begin -->`` and ``<!-- results:end -->`` lines (the rest of the page is written by hand).
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ COMPARISONS = (
     ("control: branches", "GPD from scratch: plain IR -> branches", "b_gpd", "b_gpd_branches", ""),
     ("control: width", "GPD from scratch: r = 2 -> r = 4", "b_gpd", "b_gpd_r4", ""),
 )
+
+
+# the protocol's arms in its order (protocol.ARMS), and how the tables name the scenario letters
+ORDER = ("a_ce", "a_kd", "a_dkd", "a_kd_gpd", "a_dkd_gpd", "b_gpd", "c_plain", "c_gpd", "b_peer",
+         "a_dkd_gpd_trainmode", "b_gpd_branches", "b_gpd_r4")
+SCENARIOS = {"a": "(a) static teacher", "b": "(b) from scratch", "c": "(c) fine-tuning"}
 
 
 def load(results: Path) -> tuple[dict[str, dict[int, dict]], dict | None]:
@@ -83,12 +91,14 @@ def t_interval(diffs: list[float]) -> tuple[float, float, float] | None:
 def arm_table(arms: dict[str, dict[int, dict]], teacher: dict | None) -> str:
     lines = ["| scenario | arm | seeds | student top-1 | per seed | dynamic teacher (or peer) top-1 | "
              "gap dynamic - student | wall-clock (min) | train img/s |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, runs in arms.items():
+    for name in sorted(arms, key=lambda a: ORDER.index(a) if a in ORDER else len(ORDER)):
+        runs = arms[name]
         rs = [runs[s] for s in sorted(runs)]
         student = [final(r) for r in rs]
         dynamic = [final(r, "dynamic_teacher") for r in rs if final(r, "dynamic_teacher") is not None]
         gaps = [final(r, "dynamic_teacher") - final(r) for r in rs if final(r, "dynamic_teacher") is not None]
-        lines.append(f"| {rs[0]['scenario']} | {rs[0]['label']} (`{name}`) | {len(rs)} | {mean_std(student)} | "
+        scenario = SCENARIOS.get(rs[0]["scenario"], rs[0]["scenario"])
+        lines.append(f"| {scenario} | {rs[0]['label']} (`{name}`) | {len(rs)} | {mean_std(student)} | "
                      f"{', '.join(f'{v:.2f}' for v in student)} | {mean_std(dynamic)} | "
                      f"{mean_std(gaps) if gaps else '-'} | {statistics.mean(r['wall_clock_s'] for r in rs) / 60:.1f} | "
                      f"{statistics.median(r['train_images_per_s'] for r in rs):.0f} |")
@@ -155,19 +165,43 @@ def curves(arms: dict[str, dict[int, dict]], images: Path) -> list[Path]:
     return written
 
 
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def status(arms: dict[str, dict[int, dict]], expected_arms: int, seeds: list[int]) -> str:
+    done = sum(len(runs) for runs in arms.values())
+    complete = [s for s in seeds if sum(s in runs for runs in arms.values()) == expected_arms]
+    return (f"{done} of {expected_arms * len(seeds)} runs done; seeds with every arm: "
+            f"{', '.join(map(str, complete)) or 'none yet'}.")
+
+
+def write_into(doc: Path, text: str) -> None:
+    page = doc.read_text()
+    if BEGIN not in page or END not in page:
+        raise SystemExit(f"{doc} has no {BEGIN} ... {END} block to fill")
+    head, rest = page.split(BEGIN, 1)
+    doc.write_text(f"{head}{BEGIN}\n{text}{END}{rest.split(END, 1)[1]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--images", type=Path, default=None, help="write the curves here (docs/images)")
+    parser.add_argument("--doc", type=Path, default=None, help="fill the results block of this page")
+    parser.add_argument("--arms", type=int, default=12, help="arms per seed in the protocol (for the status line)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     args = parser.parse_args()
     arms, teacher = load(args.results)
     if not arms:
         raise SystemExit(f"no results in {args.results}: run experiments/cifar10/protocol.py first")
-    text = (f"Per arm (top-1 %, last evaluation, mean ± std over seeds):\n\n{arm_table(arms, teacher)}\n\n"
+    text = (f"{status(arms, args.arms, args.seeds)}\n\n"
+            f"Per arm (top-1 %, last evaluation, mean ± std over seeds):\n\n{arm_table(arms, teacher)}\n\n"
             f"Paired by seed (treatment - baseline, top-1 points; bold: the 95% t-interval excludes 0):\n\n"
             f"{comparison_table(arms)}\n")
     (args.results / "summary.md").write_text(text)
     print(text)
+    if args.doc is not None:
+        write_into(args.doc, text)
     if args.images is not None:
         for path in curves(arms, args.images):
             print(f"wrote {path}")
