@@ -40,6 +40,7 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -372,6 +373,15 @@ def _too_large(width: int, height: int, max_pixels: int) -> str | None:
     return f"{width}x{height} = {width * height:,} pixels > --max-pixels {max_pixels:,}"
 
 
+def _default_signals() -> None:
+    """Pool worker start: the default SIGTERM/SIGINT/SIGUSR1 dispositions. A worker forked from a training rank
+    inherits its stop handler, which only records a request; ``Pool.terminate`` (the end of the ``with`` block)
+    holds the task queue's lock and then relies on SIGTERM, so a worker still waiting for that lock would never
+    exit and the rank would hang in the join."""
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def _write_shard(task: tuple[int, str, list[Sample], int]) -> _ShardResult:
     index, final, samples, max_pixels = task
     result = _ShardResult(index)
@@ -498,7 +508,7 @@ def make_shards(src: str | Path, out: str | Path, split: str, *, shard_size: int
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
     initial = sum(len(chunks[i]) for i in labels)
     with (Progress(len(samples), f"shards {split}", unit="img", enabled=progress, initial=initial) as bar,
-          multiprocessing.Pool(workers) as pool):
+          multiprocessing.Pool(workers, initializer=_default_signals) as pool):
         for result in pool.imap_unordered(_write_shard, tasks):
             labels[result.index] = result.labels
             skipped += result.skipped

@@ -514,3 +514,38 @@ def test_cli_summary_is_readable_text(tmp_path: Path, capsys: pytest.CaptureFixt
     assert [line.split(" of ")[0] for line in lines[9:]] == ["warning: class folders", "warning: files without an "
                                                              "image extension (.jpg, .jpeg, .png, .bmp, .webp, .tif, "
                                                              ".tiff, .ppm) in the class folders"]
+
+
+def _worker_sigterm_is_default(_: int) -> bool:
+    import signal
+
+    return signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_writer_workers_die_on_sigterm_even_under_a_ranks_stop_handler(tmp_path: Path, monkeypatch) -> None:
+    """A training rank (the demo makes its shards inside train) holds a SIGTERM handler that only records a stop
+    request; forked writer workers must not inherit it, or Pool.terminate hangs on a worker it cannot kill."""
+    import multiprocessing
+
+    from gpd_ds.preemption import StopRequest
+
+    pools: list[dict] = []
+    real_pool = multiprocessing.Pool
+
+    def recording_pool(*args, **kwargs):
+        pools.append(kwargs)
+        return real_pool(*args, **kwargs)
+
+    monkeypatch.setattr(shards_mod.multiprocessing, "Pool", recording_pool)
+    stop = StopRequest().install()
+    try:
+        image_tree(tmp_path / "train")
+        make_shards(tmp_path / "train", tmp_path / "out", "train", shard_size=5, workers=2, progress=False)
+        assert pools
+        assert pools[0]["initializer"] is shards_mod._default_signals
+        with real_pool(2, initializer=pools[0]["initializer"]) as pool:  # what the workers see
+            assert all(pool.map(_worker_sigterm_is_default, range(4)))
+        with real_pool(1) as pool:  # and what they would see without it
+            assert not pool.map(_worker_sigterm_is_default, range(1))[0]
+    finally:
+        stop.uninstall()
