@@ -358,7 +358,7 @@ class Protocol:
         running: list[threading.Thread] = []
 
         def job_thread(arm: Arm, seed: int) -> None:
-            if not self.run(arm, seed, shards):
+            if not self.run(arm, seed, shards) and not self.stopping:
                 failed.append(f"{arm.name}_s{seed}")
 
         while (pending or running) and not self.stopping:
@@ -377,6 +377,8 @@ class Protocol:
             thread.join()
         if failed:
             print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        if self.stopping:
+            print("stopped on request: the interrupted runs saved a checkpoint; run this again to go on", flush=True)
         return 1 if failed or self.stopping else 0
 
 
