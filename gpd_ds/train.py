@@ -646,12 +646,10 @@ def _writable_run_dir(run_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``gpd-ds train`` / ``launch/train.py`` in-process: parse (:mod:`gpd_ds.train_cli`), then :func:`run`."""
-    from gpd_ds.train_cli import build_parser, quiet_ranks
+    """``gpd-ds train`` / ``launch/train.py`` in-process (:func:`gpd_ds.train_cli.main`: parse, then :func:`run`)."""
+    from gpd_ds.train_cli import main as cli_main
 
-    args = build_parser().parse_args(argv)
-    quiet_ranks()
-    return run(args)
+    return cli_main(argv)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -244,12 +244,15 @@ class Protocol:
             return False
         return all(self.done(a, seed) for a in ARMS if a.name in arm.needs)
 
-    def run(self, arm: Arm, seed: int, shards: Path) -> bool:
-        run_dir = self.out / "runs" / ("teacher" if arm is TEACHER_ARM else f"{arm.name}_s{seed}")
+    def next_port(self) -> int:
+        """A master port of its own for each launch (runs go on in parallel threads)."""
         with self.lock:
             self.port += 1
-            port = self.port
-        cmd = command(arm, seed, shards, run_dir, port)
+            return self.port
+
+    def run(self, arm: Arm, seed: int, shards: Path) -> bool:
+        run_dir = self.out / "runs" / ("teacher" if arm is TEACHER_ARM else f"{arm.name}_s{seed}")
+        cmd = command(arm, seed, shards, run_dir, self.next_port())
         if self.args.dry_run:
             print("  " + " ".join(cmd))
             return True
@@ -293,9 +296,7 @@ class Protocol:
 
         def probe(arm: Arm) -> None:
             run_dir = runs / arm.name
-            with self.lock:
-                self.port += 1
-                port = self.port
+            port = self.next_port()
             short = ("--set", f"run.max_steps={steps}", "--set", "run.export_at_end=false", "--set",
                      "run.log_every_steps=5")
             cmd = [*command(arm, 1, shards, run_dir, port), *short]
