@@ -256,10 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up at the flush of buffered output
+        return rc
     except UserInputError as e:  # anything else is a bug: its traceback is what a bug report needs
         print(f"gpd-ds {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `gpd-ds recipes | head`: the reader left; exit as a shell tool would, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

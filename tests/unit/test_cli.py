@@ -90,3 +90,20 @@ def test_train_help_names_the_recipes_without_importing_torch() -> None:
     print(f"gpd-ds train --help: {elapsed:.2f} s in a fresh interpreter")  # measured, not asserted (-s shows it)
     probe = "import sys, gpd_ds.train_cli; print(sorted(m for m in ('torch', 'timm', 'deepspeed') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_output_into_a_closed_pipe_exits_quietly() -> None:
+    """`gpd-ds recipes | head -1`: the reader is gone before the table is written; no traceback, shell's 141."""
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before the child starts: its first flush must meet EPIPE, every time
+    try:
+        done = subprocess.run([sys.executable, "-m", "gpd_ds.cli", "recipes"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "Exception ignored" not in done.stderr, done.stderr
