@@ -85,6 +85,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_weights(args: argparse.Namespace) -> int:
+    from gpd_ds.models.weights import convert_weights
+
+    entry, count = convert_weights(args.src, args.out, args.key)
+    print(f"wrote {args.out}: {count} tensors from entry {entry!r} of {args.src}")
+    return 0
+
+
 def available_cores() -> int:
     """CPU cores this process may use (its affinity mask, e.g. a Slurm allocation), not all the machine's."""
     try:
@@ -210,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="best", choices=["best", "last", "last_ema"],
                    help="best (default: live or EMA weights with the best student top-1), or the newest checkpoint's")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("convert-weights", help="a foreign torch checkpoint (e.g. the official RVT release) to "
+                       ".safetensors, read without running code")
+    p.add_argument("src", help="the .pth/.pth.tar file")
+    p.add_argument("out", help="output .safetensors path")
+    p.add_argument("--key", default=None, help="the entry holding the weights (default: state_dict, model, module "
+                   "or model_state_dict, whichever the file has first; else the file itself)")
+    p.set_defaults(func=_convert_weights)
 
     p = sub.add_parser("eval", help="evaluate an exported student or a run directory on shards")
     p.add_argument("path", help="exported .safetensors (with its .json) or a run directory")

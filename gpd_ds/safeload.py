@@ -27,7 +27,9 @@ _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 class UnsafeFileError(UserInputError, RuntimeError):
-    """A file holds a Python object outside the allow-list; nothing of it was run."""
+    """A file holds a Python object outside the allow-list; nothing of it was run. ``offender``: its global."""
+
+    offender = "an object that is not a tensor"
 
 
 @functools.cache
@@ -69,10 +71,13 @@ def is_unsafe(e: BaseException) -> bool:
 def unsafe_error(path: str | Path, e: BaseException) -> UnsafeFileError:
     match = _GLOBAL.search(str(e))
     offender = match.group(1) if match else "an object that is not a tensor"
-    return UnsafeFileError(
+    error = UnsafeFileError(
         f"refusing to load {path}: it holds {offender}, which is not a tensor, number, string or one of the "
         f"{len(allowed_globals())} DeepSpeed/numpy types gpd_ds allows (loading it could run code). Nothing from it "
-        "was run. Use a file written by gpd_ds, or convert foreign weights to .safetensors")
+        "was run. Use a file written by gpd_ds, or convert foreign weights to .safetensors with `gpd-ds "
+        "convert-weights FILE OUT.safetensors` (it reads the weights without running code)")
+    error.offender = offender
+    return error
 
 
 def scan_file(path: str | Path) -> None:

@@ -17,6 +17,7 @@ FAMILIES = [
     "mobilenetv1_100", "mobilenetv1_relu", "mobilenetv2_100", "mobilenetv3_small_100", "efficientnet_b0",
     "convnext_atto",
     "vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "cifar_resnet10",
+    "rvt_tiny", "rvt_tiny_plus",
 ]
 
 

@@ -47,6 +47,7 @@ from gpd_ds.gpd.layers import (
     widen,
 )
 from gpd_ds.gpd.model import GPDModel
+from gpd_ds.models import rvt
 
 
 class UnsupportedModelError(UserInputError, ValueError):
@@ -136,7 +137,8 @@ def _convert_attention(m: timm.layers.Attention, path: str, walk: _Walk) -> nn.M
     if unsupported or getattr(m, "gate", None) is not None:
         raise UnsupportedModelError(f"{path}: timm Attention with {unsupported or ['gate']}; only plain "
                                     "attention (no qk-norm, scale-norm or gate) is supported")
-    return WideAttention(m.qkv, m.proj, m.num_heads, m.head_dim, walk.width_ratio, m.attn_drop, m.proj_drop)
+    return WideAttention(m.qkv, m.proj, m.num_heads, m.head_dim, walk.width_ratio, m.attn_drop, m.proj_drop,
+                         getattr(m, "att_mask", None))
 
 
 def _convert_layer_scale(channels_first: bool) -> Callable[[nn.Module, str, _Walk], nn.Module]:
@@ -169,6 +171,7 @@ CONVERTERS: dict[type, Callable[[nn.Module, str, _Walk], nn.Module]] = {
     timm.layers.LayerNorm: _convert_layernorm(channels_first=False),
     timm.layers.LayerNorm2d: _convert_layernorm(channels_first=True),
     timm.layers.Attention: _convert_attention,
+    rvt.MaskedAttention: _convert_attention,
     timm.layers.Mlp: _convert_mlp,
     timm.layers.ConvMlp: _convert_mlp,
     timm.layers.LayerScale: _convert_layer_scale(channels_first=False),
@@ -187,7 +190,7 @@ def _unsupported(path: str, module: nn.Module, why: str) -> UnsupportedModelErro
     return UnsupportedModelError(
         f"cannot expand the student: module '{path or '<root>'}' ({type(module).__module__}."
         f"{type(module).__qualname__}) {why}. Supported module types: {', '.join(supported_modules())}. "
-        "Supported families: timm/torchvision ResNets, MobileNet v1/v2/v3, EfficientNet, ConvNeXt, ViT/DeiT."
+        "Supported families: timm/torchvision ResNets, MobileNet v1/v2/v3, EfficientNet, ConvNeXt, ViT/DeiT, RVT."
     )
 
 
@@ -195,8 +198,8 @@ def _check_supported(student: nn.Module) -> None:
     """Fail before any work, naming the first module IR has no rule for."""
     for path, m in student.named_modules():
         kind = type(m)
-        if kind in CONVERTERS or kind in PASSTHROUGH:
-            continue
+        if kind in CONVERTERS or kind in PASSTHROUGH or kind in (nn.ModuleList, nn.ModuleDict):
+            continue  # module lists and dicts are never called: only their members compute
         own = [n for n, p in m.named_parameters(recurse=False) if p is not None]
         known = RAW_PARAMETERS.get(kind, {})
         stray = [n for n in own if n not in known]
@@ -325,7 +328,7 @@ def expand(student: nn.Module, width_ratio: int = 2, noise_std: float = 1e-6, br
     net = copy.deepcopy(source)
     walk = _Walk(width_ratio, first_layers, classifiers, branches, pretrained_student)
     walk.gates = {f"{p}.gate" for p, m in net.named_modules() if isinstance(m, GATED)}
-    walk.qkv = {f"{p}.qkv" for p, m in net.named_modules() if type(m) is timm.layers.Attention}
+    walk.qkv = {f"{p}.qkv" for p, m in net.named_modules() if CONVERTERS.get(type(m)) is _convert_attention}
     net = _convert_tree(net, "", walk)
     raw = _wrap_raw_parameters(net, width_ratio)
     model = GPDModel(net, width_ratio=width_ratio, in_chans=size[0], num_classes=logits.shape[1],

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gpd_ds.models.rvt import masked_attention
+
 STUDENT = "student"
 TEACHER = "teacher"
 MODES = (STUDENT, TEACHER)
@@ -545,7 +547,7 @@ class WideScale(WideModule):
         return x.mul_(gamma) if self.inplace else x * gamma
 
 
-class WideAttention(nn.Module):
+class WideAttention(WideModule):
     """Multi-head self-attention of the dynamic teacher (gpd_method.md 4.2).
 
     ``qkv`` and ``proj`` are :class:`WideLinear` (rule A). The wide qkv rows are laid out
@@ -554,30 +556,41 @@ class WideAttention(nn.Module):
     output and the fused (flash) attention kernel applies; the student's rows are three blocks,
     gathered by its (already copying) x r view. The ``r * r`` that ``q @ k^T`` needs is folded into
     the softmax scale; the head outputs stay 1/r, as the invariant wants.
+
+    ``att_mask`` (RVT's PAAS, ``(H, N, N)``) multiplies each head's scaled logits by ``sigmoid(mask)``: a per-head
+    factor on logits that are already at the student's scale, so teacher head ``p * H + h`` uses mask ``h``
+    (replicated along the head axis, neither divided nor noised).
     """
 
     def __init__(self, qkv: WideLinear, proj: WideLinear, num_heads: int, head_dim: int, width_ratio: int,
-                 attn_drop: nn.Dropout, proj_drop: nn.Module) -> None:
-        super().__init__()
+                 attn_drop: nn.Dropout, proj_drop: nn.Module, att_mask: Tensor | None = None) -> None:
+        super().__init__(width_ratio)
         self.qkv, self.proj, self.attn_drop, self.proj_drop = qkv, proj, attn_drop, proj_drop
-        self.num_heads, self.head_dim, self.width_ratio = num_heads, head_dim, width_ratio
+        self.num_heads, self.head_dim = num_heads, head_dim
+        if att_mask is not None:
+            self.register_wide("att_mask", att_mask, TensorSpec((0,), scaled=False, noisy=False))
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         batch, tokens, _ = x.shape
         scale = self.head_dim**-0.5
         qkv = self.qkv(x)  # (B, N, 3 * heads * head_dim), [q | k | v] blocks
-        heads = self.num_heads
-        if current_mode() == TEACHER:
+        heads, mode = self.num_heads, current_mode()
+        if mode == TEACHER:
             heads *= self.width_ratio
             scale *= self.width_ratio**2
         q, k, v = qkv.reshape(batch, tokens, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        dropout = self.attn_drop.p if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
-                                           scale=scale)
+        if "att_mask" in self.specs:
+            (mask,) = self.teacher_tensors("att_mask") if mode == TEACHER else (self.student_tensor("att_mask"),)
+            x = masked_attention(q, k, v, mask, scale, self.attn_drop)
+        else:
+            dropout = self.attn_drop.p if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
+                                               is_causal=is_causal, scale=scale)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(batch, tokens, -1)))
 
     def extra_repr(self) -> str:
-        return f"student_heads={self.num_heads}, head_dim={self.head_dim}, r={self.width_ratio}"
+        return (f"student_heads={self.num_heads}, head_dim={self.head_dim}, r={self.width_ratio}"
+                f"{', PAAS mask' if 'att_mask' in self.specs else ''}")
 
 
 class StudentView(nn.Module):

@@ -10,7 +10,7 @@ from torch import nn
 
 from gpd_ds.config import TORCHVISION_PREFIX  # defined in config, which needs it without importing torch
 from gpd_ds.errors import UserInputError
-from gpd_ds.models import cifar, mobilenet  # noqa: F401  (register cifar_resnet* and mobilenetv1_relu with timm)
+from gpd_ds.models import cifar, mobilenet, rvt  # noqa: F401  (register cifar_resnet*, mobilenetv1_relu, rvt_* with timm)
 
 TIMM_PREFIX = "timm:"
 

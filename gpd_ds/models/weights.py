@@ -56,3 +56,59 @@ def load_weights(model: nn.Module, path: str | Path, what: str) -> None:
             f"unexpected {show(unexpected)}, wrong shape {show(misshapen)}. Is it the right architecture and "
             "number of classes?")
     model.load_state_dict(state, strict=True)
+
+
+class _PickledArgs:
+    """Stands in for ``argparse.Namespace`` while reading a foreign training checkpoint: its attributes are set as
+    plain data and nothing of the original class runs. Only tensors leave :func:`convert_weights`."""
+
+
+# Objects that training scripts store beside the weights (DeiT/RVT save their argparse arguments) and that may be
+# read as inert stand-ins; any other non-tensor global is refused, naming it.
+_INERT_GLOBALS = [(_PickledArgs, "argparse.Namespace")]
+
+
+def convert_weights(src: str | Path, dst: str | Path, key: str | None = None) -> tuple[str, int]:
+    """Write the state dict held in a foreign torch checkpoint ``src`` as ``dst`` (.safetensors).
+
+    The file is read weights-only (:mod:`gpd_ds.safeload`), with ``argparse.Namespace`` read as an inert stand-in,
+    so a release that pickles its training arguments beside the weights (the official RVT/DeiT files) converts
+    without running code. ``key`` picks the entry holding the weights (default: ``model``, ``state_dict``,
+    ``model_state_dict``, ``module``, or the file itself if it is a state dict). Returns (entry, tensor count).
+    """
+    import torch.serialization
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    if dst.suffix != ".safetensors":
+        raise WeightsError(f"output {str(dst)!r} must end in .safetensors")
+    if not src.is_file():
+        raise WeightsError(f"weights file {str(src)!r} does not exist")
+    try:
+        with torch.serialization.safe_globals(_INERT_GLOBALS):
+            checkpoint = load_torch_file(src)
+    except UnsafeFileError as e:
+        raise WeightsError(f"refusing to convert {str(src)!r}: it holds {e.offender}, and only tensors, plain data "
+                           "and argparse.Namespace are read (anything else could run code); nothing from it was run. "
+                           "Save its state dict alone where it was made (torch.save(model.state_dict(), ...))"
+                           ) from None
+    except Exception as e:  # a corrupt or foreign file: say which, keep the cause
+        raise WeightsError(f"cannot read {str(src)!r}: {type(e).__name__}: {e}") from e
+    if not isinstance(checkpoint, dict):
+        raise WeightsError(f"{str(src)!r} holds a {type(checkpoint).__name__}, not a dict of weights")
+    if key is None:
+        key = next((k for k in _WRAPPER_KEYS if isinstance(checkpoint.get(k), dict)), "")
+    state = checkpoint[key] if key else checkpoint
+    if key and key not in checkpoint:
+        raise WeightsError(f"{str(src)!r} has no entry {key!r}; its entries: {sorted(map(str, checkpoint))}")
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    if not tensors or len(tensors) != len(state):
+        raise WeightsError(f"entry {key or '<file>'!r} of {str(src)!r} is not a state dict of tensors; pick the "
+                           f"entry with --key (entries: {sorted(map(str, checkpoint))})")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(dst)  # atomic: a crash never leaves a half-written file under the final name
+    return key or "<file>", len(tensors)
