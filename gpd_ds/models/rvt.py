@@ -172,7 +172,7 @@ class RVT(nn.Module):
         self.patch_embed = PatchEmbed(img_size, in_chans, dims[0])
         self.pos_drop = nn.Dropout(drop_rate)
         tokens = token_grid(img_size) ** 2
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = [drop_path_rate * k / sum(depths) for k in range(sum(depths))]  # k / K, as RVT (and PiT)
         stages, first = [], 0
         for s, (depth, dim, n_heads) in enumerate(zip(depths, dims, heads, strict=True)):
             stages.append(Transformer([

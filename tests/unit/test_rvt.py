@@ -163,3 +163,9 @@ def test_convert_refuses_other_objects_without_running_them(tmp_path, capsys) ->
     assert not (tmp_path / "out.safetensors").exists()
     with pytest.raises(WeightsError, match=r"must end in \.safetensors"):
         convert_weights(path, tmp_path / "out.pth")
+
+
+def test_drop_path_grows_with_the_global_block_index() -> None:
+    model = create_model("rvt_tiny", drop_path_rate=0.12)
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for s in model.transformers for b in s.blocks]
+    assert rates == pytest.approx([0.12 * k / 12 for k in range(12)])  # k / K over both stages, as RVT
