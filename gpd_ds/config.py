@@ -95,6 +95,8 @@ class DataConfig:
     in_memory: bool = False  # decode the train split once and augment from RAM (CIFAR-size data; see data/memory.py)
     in_memory_max_gb: float = 8.0  # refuse in_memory above this decoded size per rank
     max_image_pixels: int = 89_478_485  # larger images (width x height, from the header) are skipped and counted
+    repeated_aug: int = 1  # DeiT's repeated augmentation: each sample R times per epoch, on R consecutive ranks, each
+    # copy augmented differently, the epoch's length kept (DeiT/RVT: 3); 1: off. Streaming loader only
     augment: Augment = field(default_factory=Augment)
 
 
@@ -355,6 +357,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.std", _each(_above(0)), "use 3 positive per-channel standard deviations, e.g. 0.229,0.224,0.225"),
     ("data.in_memory_max_gb", _above(0), "use a positive size in GB, e.g. 8"),
     ("data.max_image_pixels", _AT_LEAST_ONE, "use a positive pixel count (width x height)"),
+    ("data.repeated_aug", _AT_LEAST_ONE, "use 1 (off) or the copies of each sample per epoch, e.g. 3 (DeiT, RVT)"),
     ("data.augment.pad_crop", _at_least(0), "use 0 (RandomResizedCrop) or a padding in pixels, e.g. 4 (CIFAR)"),
     ("data.augment.scale", _increasing_pair(high=1), "use 2 increasing area fractions in (0, 1], e.g. 0.08,1.0"),
     ("data.augment.ratio", _increasing_pair(), "use 2 increasing positive aspect ratios, e.g. 0.75,1.333"),
@@ -447,6 +450,8 @@ def _cross_field_rows(cfg: TrainConfig) -> list[tuple[bool, str, Any, str]]:
          f"within optim.epochs={o.epochs}; lower them or raise optim.epochs"),
         (o.optimizer != "sgd" or not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov,
          "Nesterov SGD needs optim.momentum > 0"),
+        (cfg.data.repeated_aug == 1 or not cfg.data.in_memory, "data.repeated_aug", cfg.data.repeated_aug,
+         "repeated augmentation is a mode of the streaming loader: set data.in_memory=false, or data.repeated_aug=1"),
     ]
 
 

@@ -249,7 +249,8 @@ def _assemble(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> _Run:
         loader = TrainLoader(train_shards, batch_size=micro, rank=info.rank, world_size=info.world_size,
                              transform=transform, num_workers=cfg.data.workers, seed=cfg.run.seed,
                              shuffle_buffer=cfg.data.shuffle_buffer, max_bad_fraction=cfg.data.max_bad_fraction,
-                             max_pixels=cfg.data.max_image_pixels, pin_memory=info.device.type == "cuda")
+                             max_pixels=cfg.data.max_image_pixels, pin_memory=info.device.type == "cuda",
+                             repeated_aug=cfg.data.repeated_aug)
     steps_per_epoch = len(loader) // accumulation
     if steps_per_epoch == 0:
         raise ConfigError(f"one epoch makes {len(loader)} micro-batches per rank, fewer than the "

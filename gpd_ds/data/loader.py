@@ -25,6 +25,9 @@ Train (``TrainLoader``), decisions and why:
   One rule judges the rate for every loader (:class:`BadRate`): more than ``max_bad_fraction`` bad stops the
   run, checked on each bad sample once ``BAD_RATE_MIN_SAMPLES`` were read and over the whole epoch at its end.
   A worker's error reaches the trainer as the error it is (:class:`LoaderFailure`), not a wrapped traceback.
+* **Repeated augmentation** (``data.repeated_aug = R``, DeiT's and RVT's RASampler, which a stream has no place
+  for): each sample goes to R consecutive ranks in the same step, each copy augmented with its rank's seed; an
+  epoch keeps its batch count and covers about 1 / R of the samples (:meth:`TrainShards._stream`).
 * Workers emit uint8 batches; normalisation, random erasing and mixup run on the device
   (:mod:`gpd_ds.data.transforms`).
 
@@ -35,6 +38,7 @@ reduces once at the end, and fails when fewer than ``1 - max_bad_fraction`` of t
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import tarfile
@@ -370,9 +374,9 @@ class TrainShards(IterableDataset):
 
     def __init__(self, shards: ShardList, *, batch_size: int, rank: int, world_size: int, num_workers: int,
                  seed: int, transform: Callable, shuffle_buffer: int, max_bad_fraction: float,
-                 max_pixels: int) -> None:
+                 max_pixels: int, repeats: int = 1) -> None:
         self.shards, self.batch_size, self.rank, self.world_size = shards, batch_size, rank, world_size
-        self.workers = max(1, num_workers)
+        self.workers, self.repeats = max(1, num_workers), repeats
         self.seed, self.transform, self.shuffle_buffer = seed, transform, shuffle_buffer
         self.max_bad_fraction, self.max_pixels = max_bad_fraction, max_pixels
         self.epoch, self.start_batch = 0, 0
@@ -386,19 +390,20 @@ class TrainShards(IterableDataset):
         smallest_share = sum(sorted(self.shards.lengths)[:per_slot])
         return self.workers * (smallest_share // self.batch_size)
 
-    def _own_shards(self, worker: int) -> list[tuple[str, int]]:
+    def _own_shards(self, rank: int, worker: int) -> list[tuple[str, int]]:
         order = list(zip(self.shards.urls, self.shards.lengths, strict=True))
         random.Random(_mix(self.seed, self.epoch)).shuffle(order)
-        slot, slots = self.rank * self.workers + worker, self.world_size * self.workers
+        slot, slots = rank * self.workers + worker, self.world_size * self.workers
         return order[slot::slots]
 
-    def _emissions(self, worker: int) -> Iterator[dict]:
-        """Raw samples of this worker's shards through the shuffle buffer, pass after pass.
+    def _emissions(self, rank: int, worker: int) -> Iterator[dict]:
+        """Raw samples of the shards of slot (``rank``, ``worker``) through the shuffle buffer, pass after pass.
 
         The buffer is flushed at the end of each pass, so a pass emits each of its samples exactly once; a
-        second pass only happens when the worker's quota needs more samples than its shards hold."""
-        own = self._own_shards(worker)
-        rng = random.Random(_mix(self.seed, self.epoch, self.rank, worker, 1))
+        second pass only happens when the worker's quota needs more samples than its shards hold. The order
+        depends on the slot alone, so every rank that reads a slot (repeated augmentation) reads the same."""
+        own = self._own_shards(rank, worker)
+        rng = random.Random(_mix(self.seed, self.epoch, rank, worker, 1))
         for passes in range(1000):
             buffer: list[dict] = []
             for url, length in own:
@@ -410,12 +415,34 @@ class TrainShards(IterableDataset):
                     buffer[j], sample = sample, buffer[j]
                     yield sample
             if not buffer and passes == 0:
-                raise DataError(f"rank {self.rank} worker {worker}: no samples in its shards "
+                raise DataError(f"rank {rank} worker {worker}: no samples in its shards "
                                 f"{[url for url, _ in own[:3]]}")
             rng.shuffle(buffer)
             yield from buffer
             rng.shuffle(own)
-        raise DataError(f"rank {self.rank} worker {worker} read its shards 1000 times without filling its quota")
+        raise DataError(f"rank {rank} worker {worker} read its shards 1000 times without filling its quota")
+
+    def _stream(self, worker: int) -> Iterator[dict]:
+        """The samples this rank's ``worker`` emits, in order.
+
+        Without repeated augmentation: its own slot's samples. With ``repeats = R`` (DeiT's RASampler, emulated
+        for shards): emission ``i`` is copy ``j = i % R`` of sample ``i // R`` of the slot of rank
+        ``(rank - j) mod W`` (same worker). So sample ``m`` of rank ``s``'s slot is emitted by ranks ``s, s + 1,
+        ..., s + R - 1`` (mod W) at the same position ``R * m + j``, i.e. in the same step, each copy augmented
+        with its own rank's seed, as the sampler puts copies on consecutive ranks; an epoch keeps its number of
+        batches and covers about 1 / R of the samples, R times each. Each rank reads ``1 / R`` of each of its
+        ``R`` slots, so the reading and decoding cost per rank is unchanged."""
+        if self.repeats == 1:
+            yield from self._emissions(self.rank, worker)
+            return
+        sources: dict[int, tuple[Iterator[dict], int, dict | None]] = {}  # slot rank -> (stream, index, sample)
+        for i in itertools.count():
+            source, index = (self.rank - i % self.repeats) % self.world_size, i // self.repeats
+            stream, at, sample = sources.get(source) or (self._emissions(source, worker), -1, None)
+            while at < index:  # a slot is asked for non-decreasing indices; fewer than R ranks repeat one
+                at, sample = at + 1, next(stream)
+            sources[source] = (stream, at, sample)
+            yield sample
 
     def __iter__(self) -> Iterator[Batch | LoaderFailure]:
         return _failures_as_items(self._batches())
@@ -436,7 +463,7 @@ class TrainShards(IterableDataset):
         base = _mix(self.seed, self.epoch, self.rank, worker, 2)
         num_classes = len(self.shards.classes)
         images, labels, keys = [], [], []
-        for position, sample in enumerate(self._emissions(worker)):
+        for position, sample in enumerate(self._stream(worker)):
             if position < start:
                 continue
             try:
@@ -462,7 +489,8 @@ class TrainLoader:
 
     def __init__(self, shards: ShardList, *, batch_size: int, rank: int, world_size: int, transform: Callable,
                  num_workers: int = 4, seed: int = 0, shuffle_buffer: int = 1000, max_bad_fraction: float = 0.01,
-                 max_pixels: int = MAX_IMAGE_PIXELS, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+                 max_pixels: int = MAX_IMAGE_PIXELS, pin_memory: bool = False, prefetch_factor: int = 2,
+                 repeated_aug: int = 1) -> None:
         slots = world_size * max(1, num_workers)
         if len(shards.urls) < slots:
             raise DataError(f"{len(shards.urls)} shards cannot feed {world_size} ranks x {max(1, num_workers)} "
@@ -470,10 +498,12 @@ class TrainLoader:
                             "data.workers")
         if batch_size < 1:
             raise DataError(f"batch_size {batch_size} must be >= 1")
+        if repeated_aug < 1:
+            raise DataError(f"data.repeated_aug={repeated_aug} must be >= 1 (1: off; DeiT and RVT use 3)")
         self.dataset = TrainShards(shards, batch_size=batch_size, rank=rank, world_size=world_size,
                                    num_workers=num_workers, seed=seed, transform=transform,
                                    shuffle_buffer=shuffle_buffer, max_bad_fraction=max_bad_fraction,
-                                   max_pixels=max_pixels)
+                                   max_pixels=max_pixels, repeats=repeated_aug)
         if self.dataset.batches_per_epoch == 0:
             raise DataError(f"{len(shards.urls)} shards of {min(shards.lengths)}+ samples make no full batch of "
                             f"{batch_size} per worker for {slots} readers; lower optim.global_batch_size (the micro "
@@ -514,23 +544,27 @@ class TrainLoader:
     def bad_samples(self) -> int:
         return sum(self.bad)
 
+    def _topology(self) -> list[int]:
+        """What makes a saved stream position exact: ranks, workers, batch, seed, samples, repeats."""
+        ds = self.dataset
+        return [ds.world_size, ds.workers, ds.batch_size, ds.seed, ds.shards.num_samples, ds.repeats]
+
     def state_dict(self) -> dict:
         """Where this rank's data stream stands (save it with the checkpoint)."""
-        ds = self.dataset
         return {"epoch": self.epoch, "batch": self.batch, "positions": list(self.positions), "bad": list(self.bad),
-                "topology": [ds.world_size, ds.workers, ds.batch_size, ds.seed, ds.shards.num_samples]}
+                "topology": self._topology()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position. With the same ranks, workers, batch size, seed and data it is exact;
         otherwise the epoch resumes after the same number of batches (approximately the same samples)."""
         ds = self.dataset
         self.epoch, self.batch = state["epoch"], state["batch"]
-        if state["topology"] == [ds.world_size, ds.workers, ds.batch_size, ds.seed, ds.shards.num_samples]:
+        saved = state["topology"] + [1] * (len(self._topology()) - len(state["topology"]))  # before repeated_aug
+        if saved == self._topology():
             self.positions, self.bad = list(state["positions"]), list(state["bad"])
             return
         log.warning("data topology changed since the checkpoint (%s -> %s); resuming epoch %d after batch %d "
-                    "approximately", state["topology"], [ds.world_size, ds.workers, ds.batch_size, ds.seed,
-                                                         ds.shards.num_samples], self.epoch, self.batch)
+                    "approximately", state["topology"], self._topology(), self.epoch, self.batch)
         self.positions = [((self.batch - w + ds.workers - 1) // ds.workers) * ds.batch_size
                           for w in range(ds.workers)]
         self.bad = [0] * ds.workers

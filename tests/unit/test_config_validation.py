@@ -159,6 +159,8 @@ def test_a_value_of_the_wrong_type_is_refused(field: str, value: object, message
     (["optim.optimizer=sgd", "optim.nesterov=true", "optim.momentum=0"],
      "optim.nesterov=True is invalid: Nesterov SGD needs optim.momentum > 0"),
     (["model.distillation_token=true", "loss.kd=none"], "model.distillation_token=True is invalid"),
+    (["data.in_memory=true", "data.repeated_aug=3"], "data.repeated_aug=3 is invalid: repeated augmentation is a "
+     "mode of the streaming loader"),
     (["optim.warmup_epochs=1", "optim.cooldown_epochs=4"], "optim.cooldown_epochs=4 is invalid: warm-up (1.0) and "
      "cool-down epochs leave no epoch of cosine decay within optim.epochs=5"),
 ])

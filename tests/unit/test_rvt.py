@@ -126,6 +126,7 @@ def test_rvt_recipes_keep_the_dynamic_teacher_single_branch() -> None:
         cfg = get_recipe(recipe)
         assert cfg.model.student == "rvt_tiny"
         assert not cfg.model.branches  # the reference converts no RVT conv (reviewkd_rvt.md 2.4)
+        assert cfg.data.repeated_aug == 3  # the RASampler of the reference's RVT (and DeiT) runs
 
 
 def _official_release(path, model: torch.nn.Module) -> None:
