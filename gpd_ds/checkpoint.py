@@ -43,7 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save_file
 
 from gpd_ds.distributed import DistInfo, all_gather_object, broadcast_object
 from gpd_ds.errors import UserInputError
@@ -52,6 +55,7 @@ from gpd_ds.safeload import UnsafeFileError, is_unsafe, load_file, safe_loading,
 log = logging.getLogger(__name__)
 
 MARKER = "gpd_complete.json"
+RANK_FILE = "gpd_rank{rank:05d}.safetensors"
 UNREADABLE = ".unreadable"
 _TAG = re.compile(r"^step(\d{9})$")
 # what a save of the same model needs beyond the last checkpoint's size (files grow a little with the step count)
@@ -217,16 +221,27 @@ def _check_before_save(root: Path, tag: str) -> None:
                            f"space there (or lower run.keep_checkpoints); {previous[0]} is intact")
 
 
-def save(engine, root: Path, step: int, client_state: dict, keep: int, info: DistInfo, meta: dict) -> Path:
+def save(engine, root: Path, step: int, client_state: dict, keep: int, info: DistInfo, meta: dict,
+         rank_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Save on every rank; rank 0 marks it complete (``meta`` goes into the marker: lineage, config, ZeRO stage)
-    and prunes this lineage's old checkpoints and the incomplete ones. Raises :class:`StorageError` on all ranks
-    if any rank failed to write."""
+    and prunes this lineage's old checkpoints and the incomplete ones. ``rank_tensors`` (each rank's own, e.g. its
+    EMA partitions) go to a file per rank, ``gpd_rank00000.safetensors``... Raises :class:`StorageError` on all
+    ranks if any rank failed to write."""
     tag = tag_for(step)
     path = root / tag
     _on_main(lambda: (root.mkdir(parents=True, exist_ok=True), _check_before_save(root, tag)), info)
     failures = engine.checkpoint_engine.failures  # see install_engine
     failures.clear()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    if rank_tensors is not None:
+        target = path / RANK_FILE.format(rank=info.rank)
+        try:
+            tmp = target.with_name(f".{target.name}.tmp")
+            save_file({k: v.detach().cpu().contiguous() for k, v in rank_tensors.items()}, str(tmp),
+                      metadata={"rank": str(info.rank), "world_size": str(info.world_size)})
+            os.replace(tmp, target)
+        except OSError as e:
+            failures.append(f"{target}: {type(e).__name__}: {e}")
     failed = [(rank, f) for rank, fs in enumerate(all_gather_object(list(failures))) for f in fs]
 
     def finish() -> None:
@@ -248,6 +263,17 @@ def save(engine, root: Path, step: int, client_state: dict, keep: int, info: Dis
 
     _on_main(finish, info)
     return path
+
+
+def read_rank_tensors(path: Path) -> list[dict[str, torch.Tensor]]:
+    """Every rank's ``rank_tensors`` of checkpoint ``path``, in rank order (safetensors: no code runs)."""
+    world = Marker.read(path).world_size
+    files = [path / RANK_FILE.format(rank=rank) for rank in range(world or 0)]
+    missing = [f.name for f in files if not f.is_file()]
+    if not files or missing:
+        raise CheckpointError(f"checkpoint {path} lacks the per-rank files {missing[:4] or [RANK_FILE]} of the "
+                              f"{world} ranks that wrote it (the partitioned EMA)")
+    return [load_safetensors(str(f)) for f in files]
 
 
 def _lineage(path: Path) -> str | None:

@@ -194,16 +194,29 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any rank (a one-element all-reduce)."""
+    t = torch.tensor([float(flag)], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def is_running_stat(name: str, buffer: torch.Tensor) -> bool:
+    return "running_" in name.rsplit(".", 1)[-1] and buffer.is_floating_point()
+
+
 @torch.no_grad()
-def average_running_stats(module: torch.nn.Module) -> None:
-    """Average every BatchNorm running statistic over the ranks.
+def average_running_stats(module: torch.nn.Module | dict[str, torch.Tensor]) -> None:
+    """Average every BatchNorm running statistic (of a module, or in a dict of named buffers) over the ranks.
 
     Decision: forward passes normalise with each rank's own batch statistics (as the reference's DDP does; no
     SyncBatchNorm collective per layer per step), and the running statistics are averaged before every
     evaluation and checkpoint, so all ranks evaluate and save the same model."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    stats = [b for n, b in module.named_buffers() if "running_" in n.rsplit(".", 1)[-1] and b.is_floating_point()]
+    named = module.items() if isinstance(module, dict) else module.named_buffers()
+    stats = [b for n, b in named if is_running_stat(n, b)]
     if not stats:
         return
     flat = torch.cat([b.reshape(-1) for b in stats])

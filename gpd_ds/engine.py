@@ -17,20 +17,21 @@ DeepSpeed keys stay in the ds_config JSON. Resolution (``resolve_ds_config``):
   until the GPU drains and costs a host-bound step its whole overlap; gpd_ds measures throughput itself.
 
 ZeRO-3 partitions the GPD model's parameters; both modes run through the same modules each step, and every wide
-layer takes its student slice inside its own forward, where DeepSpeed has gathered its parameters. Reading the
-whole model outside a forward (EMA, evaluation copy, best weights) goes through :func:`full_parameters`.
+layer takes its student slice inside its own forward, where DeepSpeed has gathered its parameters. Nothing else
+holds the whole model on a rank: the EMA is partitioned too (:class:`gpd_ds.ema.PartitionedEma`), evaluation runs
+the engine's module (layer-wise gathers, ranks in lockstep), and best weights are read one module at a time
+(:func:`gathered_state_dict`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import json
 import logging
 import math
 import re
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -337,17 +338,27 @@ def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-@contextlib.contextmanager
-def full_parameters(module: nn.Module, zero3: bool) -> Iterator[None]:
-    """Inside this block every rank sees ``module``'s full parameters (ZeRO-3 gathers them, read-only); without
-    ZeRO-3 it does nothing. Call it on all ranks: gathering is a collective."""
+@torch.no_grad()
+def gathered_state_dict(module: nn.Module, zero3: bool, keep: bool = True) -> dict[str, torch.Tensor]:
+    """``module``'s state dict on the CPU. Under ZeRO-3 it is gathered one module at a time (a collective: call it
+    on every rank), so no rank ever holds more than one layer's full parameters on its device; ``keep=False``
+    (ranks that will not write it) takes part in the gathers and returns nothing."""
     if not zero3:
-        yield
-        return
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()} if keep else {}
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        yield
+    keys = module.state_dict().keys()
+    out = {}
+    for prefix, m in module.named_modules():
+        prefix = f"{prefix}." if prefix else ""
+        params = [(n, p) for n, p in m.named_parameters(recurse=False)]
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            if keep:
+                out.update({prefix + n: p.detach().cpu().clone() for n, p in params})
+        if keep:
+            out.update({prefix + n: b.detach().cpu().clone() for n, b in m.named_buffers(recurse=False)
+                        if prefix + n in keys})
+    return {k: out[k] for k in keys} if keep else {}
 
 
 def resident_parameters(module: nn.Module) -> int:

@@ -9,7 +9,7 @@ import torch
 
 from gpd_ds.data.loader import Batch, DataError
 from gpd_ds.data.transforms import DeviceTransform
-from gpd_ds.distributed import all_reduce_sum
+from gpd_ds.distributed import all_reduce_sum, any_rank
 from gpd_ds.progress import Progress
 
 
@@ -17,9 +17,14 @@ from gpd_ds.progress import Progress
 def evaluate(models: dict[str, Callable[[torch.Tensor], torch.Tensor]], loader: Iterable[Batch],
              transform: DeviceTransform, autocast: Callable[[], contextlib.AbstractContextManager],
              show_progress: bool = False, num_batches: int | None = None, expected: int | None = None,
-             max_bad_fraction: float = 0.0, split: str = "the eval split") -> dict[str, dict[str, float]]:
+             max_bad_fraction: float = 0.0, split: str = "the eval split",
+             lockstep: tuple[int, int, int] | None = None) -> dict[str, dict[str, float]]:
     """``{name: {"top1": %, "top5": %, "samples": n}}`` for each ``name -> logits_fn``. Every sample counts once
     (the eval loader reads each exactly once across ranks; ranks may see different batch counts).
+
+    ``lockstep`` (C, H, W): the models gather their parameters from every rank inside their forward (ZeRO-3), so
+    every rank must call them equally often: a rank whose batches are done runs them on one blank image of that
+    size, uncounted, until no rank has batches left (a one-number all-reduce per batch decides).
 
     With ``expected`` (the index's sample count), fewer than ``(1 - max_bad_fraction) * expected`` evaluated
     samples is a :class:`~gpd_ds.data.loader.DataError` on every rank: an accuracy over what was left of a
@@ -27,8 +32,18 @@ def evaluate(models: dict[str, Callable[[torch.Tensor], torch.Tensor]], loader: 
     device = transform.device
     counts = torch.zeros(len(models), 2, dtype=torch.float64, device=device)
     seen = torch.zeros(1, dtype=torch.float64, device=device)
+    batches = iter(loader)
     with Progress(num_batches, "eval", unit="batch", enabled=show_progress) as bar:
-        for batch in loader:
+        while True:
+            batch = next(batches, None)
+            more = batch is not None if lockstep is None else any_rank(batch is not None, device)
+            if not more:
+                break
+            if batch is None:  # done here, but another rank's models still gather with this one's
+                for fn in models.values():
+                    with autocast():
+                        fn(torch.zeros(1, *lockstep, device=device))
+                continue
             x, y = transform(batch.images, batch.labels, train=False)
             seen += y.numel()
             for i, fn in enumerate(models.values()):

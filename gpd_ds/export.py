@@ -4,7 +4,7 @@
 
 1. take the weights: ``best`` (the live or EMA weights with the best student top-1, kept in ``RUN_DIR/best``),
    or the newest complete checkpoint's live (``last``) or EMA (``last_ema``) weights (ZeRO <= 2 checkpoints hold
-   the full model);
+   the full model; ZeRO-3 ones are consolidated from the ranks' partitions);
 2. rebuild the GPD model from the run's saved config and load them strictly;
 3. ``extract`` the student, check it against the student mode (max |logit diff|) and check that a freshly built
    model of the student's name loads it strictly;
@@ -76,6 +76,12 @@ def run_weights(run_dir: Path, which: str) -> tuple[dict[str, torch.Tensor], dic
     states = load_file(path)  # weights-only: a run directory from elsewhere is untrusted input
     client_step = states.get("step", states.get("global_steps"))
     if which == "last_ema":
+        if states.get("ema_shapes"):  # ZeRO-3: every rank saved its partitions of the EMA
+            from gpd_ds.checkpoint import read_rank_tensors
+            from gpd_ds.ema import consolidate
+
+            shapes = {k: torch.Size(v) for k, v in states["ema_shapes"].items()}
+            return consolidate(read_rank_tensors(found[0]), shapes), {"weights": "ema", "step": client_step}
         if not states.get("ema"):
             raise ExportError(f"{found[0]} holds no EMA weights (optim.ema_decay was off)")
         return states["ema"], {"weights": "ema", "step": client_step}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import logging
 import os
@@ -36,12 +35,12 @@ from gpd_ds.data.loader import ShardList, TrainLoader, eval_loader, resolve_shar
 from gpd_ds.data.memory import MemoryTrainLoader
 from gpd_ds.data.transforms import DeviceTransform, eval_transform, train_transform
 from gpd_ds.distributed import DistInfo
-from gpd_ds.ema import ModelEma
+from gpd_ds.ema import ModelEma, PartitionedEma, consolidate
 from gpd_ds.engine import (
     autocast_dtype,
     build_optimizer,
     effective_lr,
-    full_parameters,
+    gathered_state_dict,
     initialize,
     load_ds_config,
     lr_factor,
@@ -134,6 +133,13 @@ def _data(cfg: TrainConfig, info: DistInfo) -> tuple[ShardList, ShardList]:
     return train, val
 
 
+def _with_ema(ema: PartitionedEma, fn: Callable) -> Callable:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with ema.applied():
+            return fn(x)
+    return run
+
+
 def _eval_models(module: nn.Module, gpd: bool, prefix: str = "") -> dict[str, Callable]:
     if not gpd:
         return {f"student{prefix}": module}
@@ -192,8 +198,7 @@ class _Run:
     """Everything a training run is made of, built by :func:`_assemble`."""
 
     engine: object
-    ema: ModelEma | None
-    eval_copy: nn.Module | None  # ZeRO-3: a full copy the gathered weights are loaded into for evaluation
+    ema: ModelEma | PartitionedEma | None  # whole, or partitioned like the parameters under ZeRO-3
     static_teacher: StaticTeacher | None
     loader: TrainLoader | MemoryTrainLoader
     val_shards: ShardList
@@ -260,9 +265,6 @@ def _assemble(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> _Run:
     lr = effective_lr(cfg, ds["train_batch_size"])
     model = model.to(info.device)
     zero3 = zero_stage(ds) == 3
-    # full copies are taken before ZeRO-3 partitions the model (every rank built the same weights from the seed)
-    ema = ModelEma(model, cfg.optim.ema_decay, rebind=True) if cfg.optim.ema_decay and zero3 else None
-    eval_copy = copy.deepcopy(model).eval().requires_grad_(False) if zero3 else None
     if cfg.run.activation_checkpointing:
         blocks = enable_activation_checkpointing(model)
         if info.is_main:
@@ -270,13 +272,14 @@ def _assemble(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> _Run:
     optimizer = build_optimizer(model, cfg, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch, lr))
     engine = initialize(model, optimizer, scheduler, ds, info.world_size)
-    if cfg.optim.ema_decay and not zero3:
-        ema = ModelEma(engine.module, cfg.optim.ema_decay)  # after the engine has broadcast rank 0's weights
+    ema = None
+    if cfg.optim.ema_decay:  # after the engine has broadcast rank 0's weights (and, ZeRO-3, partitioned them)
+        ema = (PartitionedEma if zero3 else ModelEma)(engine.module, cfg.optim.ema_decay)
     if cfg.run.compile:
         engine.compile()
         static_teacher = torch.compile(static_teacher) if static_teacher is not None else None
     return _Run(
-        engine=engine, ema=ema, eval_copy=eval_copy,
+        engine=engine, ema=ema,
         static_teacher=static_teacher, loader=loader, val_shards=val_shards,
         device_tf=DeviceTransform(num_classes, info.device, augment, cfg.data.mean, cfg.data.std,
                                   cfg.run.channels_last),
@@ -302,14 +305,13 @@ def _evaluate(r: _Run, cfg: TrainConfig, info: DistInfo, static_metrics: dict | 
     """Student and dynamic teacher (live, and EMA if ``with_ema``), and the static teacher unless known."""
     module = r.engine.module
     distributed.average_running_stats(module)
-    if r.zero3:
-        with full_parameters(module, True):
-            r.eval_copy.load_state_dict(module.state_dict())
-        module = r.eval_copy
     models = _eval_models(module, r.gpd)
-    if r.ema is not None and with_ema:
+    if isinstance(r.ema, ModelEma) and with_ema:
         distributed.average_running_stats(r.ema.module)
         models.update(_eval_models(r.ema.module, r.gpd, "_ema"))
+    elif r.ema is not None and with_ema:  # the engine's module with the EMA swapped into its partitions
+        distributed.average_running_stats(r.ema.shadow_buffers)
+        models.update({name: _with_ema(r.ema, fn) for name, fn in _eval_models(module, r.gpd, "_ema").items()})
     if r.static_teacher is not None and static_metrics is None:
         models["static_teacher"] = r.static_teacher
     r.engine.module.eval()
@@ -318,12 +320,14 @@ def _evaluate(r: _Run, cfg: TrainConfig, info: DistInfo, static_metrics: dict | 
                       max_pixels=cfg.data.max_image_pixels)
     result = evaluate(models, val, r.device_tf, r.autocast, show_progress=info.is_main,
                       expected=r.val_shards.num_samples, max_bad_fraction=cfg.data.max_bad_fraction,
-                      split=f"split {cfg.data.val_split!r}")
+                      split=f"split {cfg.data.val_split!r}",
+                      lockstep=(3, cfg.data.image_size, cfg.data.image_size) if r.zero3 else None)
     r.engine.module.train()
     if static_metrics is not None:
         result["static_teacher"] = static_metrics
-    if info.is_main and "dynamic_teacher" in result and hasattr(module, "replica_divergence"):
-        result["dynamic_teacher"]["replica_divergence"] = module.replica_divergence()
+    if "dynamic_teacher" in result and hasattr(module, "replica_divergence"):  # every rank: ZeRO-3 gathers
+        result["dynamic_teacher"]["replica_divergence"] = module.replica_divergence(
+            deepspeed.zero.GatheredParameters if r.zero3 else None)
     return result
 
 
@@ -373,6 +377,7 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
               "device": str(info.device), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "classes": r.classes, "lr": r.lr, "steps_per_epoch": spe, "total_steps": r.total_steps,
               "resident_parameters_per_rank": distributed.all_gather_object(resident_parameters(engine.module)),
+              "ema_elements_per_rank": distributed.all_gather_object(ema.numel() if ema is not None else 0),
               "versions": _versions(), "resumed_from": str(resumed.path) if foreign else None}
     if info.is_main:  # after the resume decision: a refused resume leaves the old run's record as it was
         (run_dir / "config.json").write_text(json.dumps(record, indent=1, default=str))
@@ -387,8 +392,10 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
     if client is not None:
         lineage = client.get("lineage", resumed.marker.lineage)
         _restore_rank_state(client, r.loader, cfg.run.seed, engine.global_steps, info)
-        if ema is not None:
+        if isinstance(ema, ModelEma):
             ema.load_state_dict(client["ema"])
+        elif ema is not None:
+            ema.load_state_dict(consolidate(checkpoint.read_rank_tensors(resumed.path), ema.shapes()))
         kept.update(client["kept"])
         if foreign:  # two directories must not write into one W&B run; the source is in the config instead
             kept["wandb_run_id"] = None
@@ -403,10 +410,15 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
 
     def client_state(step: int) -> dict:
         distributed.average_running_stats(engine.module)
-        if ema is not None:
+        if isinstance(ema, ModelEma):
             distributed.average_running_stats(ema.module)
+        elif ema is not None:
+            distributed.average_running_stats(ema.shadow_buffers)
         ranks = distributed.all_gather_object({"data": r.loader.state_dict(), "rng": distributed.rng_state()})
-        return {"ranks": ranks, "ema": ema.state_dict() if ema is not None else None, "kept": kept,
+        partitioned = isinstance(ema, PartitionedEma)  # its partitions go to per-rank files (checkpoint.save)
+        return {"ranks": ranks, "ema": ema.state_dict() if isinstance(ema, ModelEma) else None,
+                # the EMA's shapes let export consolidate those files without building the model
+                "ema_shapes": {k: list(v) for k, v in ema.shapes().items()} if partitioned else None, "kept": kept,
                 "lineage": lineage, "config_digest": cfg.digest(), "step": step, "epoch": step / spe,
                 # lets DeepSpeed's ds_to_universal convert the checkpoint for another number of ranks
                 UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
@@ -416,7 +428,8 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
     def save(step: int) -> Path:
         nonlocal saved_at
         watch.check(ckpt_root)
-        path = checkpoint.save(engine, ckpt_root, step, client_state(step), cfg.run.keep_checkpoints, info, meta)
+        path = checkpoint.save(engine, ckpt_root, step, client_state(step), cfg.run.keep_checkpoints, info, meta,
+                               rank_tensors=ema.state_dict() if isinstance(ema, PartitionedEma) else None)
         saved_at = step
         return path
 
@@ -467,8 +480,7 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
                     continue
                 step = engine.global_steps
                 if ema is not None:
-                    with full_parameters(engine.module, r.zero3):
-                        ema.update(engine.module)
+                    ema.update(engine.module)
                 watch.update(loss, step)
                 bar.update(1)
                 if step % cfg.run.log_every_steps == 0 or step == epoch_end:
@@ -534,8 +546,8 @@ def _best_on_disk(run_dir: Path, step: int, best: dict) -> dict:
     return best
 
 
-def _update_best(best: dict, metrics: dict, step: int, module: nn.Module, ema: ModelEma | None, run_dir: Path,
-                 info: DistInfo, zero3: bool) -> dict:
+def _update_best(best: dict, metrics: dict, step: int, module: nn.Module, ema: ModelEma | PartitionedEma | None,
+                 run_dir: Path, info: DistInfo, zero3: bool) -> dict:
     """Best = the highest student top-1 of the live or the EMA weights (the reference's save_metric); those
     weights are kept in RUN_DIR/best/ for export."""
     candidates = [("raw", metrics["student"]["top1"])]
@@ -545,9 +557,13 @@ def _update_best(best: dict, metrics: dict, step: int, module: nn.Module, ema: M
     if best and top1 <= best["top1"]:
         return best
     best = {"top1": top1, "weights": which, "step": step}
-    with full_parameters(module, zero3 and which == "raw"):
-        if info.is_main:
-            _save_best(run_dir, (ema.module if which == "ema" else module).state_dict(), best)
+    if isinstance(ema, ModelEma) and which == "ema":
+        state = gathered_state_dict(ema.module, zero3=False, keep=info.is_main)
+    else:
+        with ema.applied() if which == "ema" else contextlib.nullcontext():
+            state = gathered_state_dict(module, zero3, keep=info.is_main)
+    if info.is_main:
+        _save_best(run_dir, state, best)
     return best
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -136,14 +138,18 @@ class GPDModel(nn.Module):
         return total + sum(self.raw_student_tensor(*raw).numel() for raw in self.raw_parameters)
 
     @torch.no_grad()
-    def replica_divergence(self) -> float:
+    def replica_divergence(self, gathered: Callable[[list[Tensor]], contextlib.AbstractContextManager] | None = None
+                           ) -> float:
         """How far the dynamic teacher has grown beyond a tiled student, one number: every wide tensor split into
         its replicas (``r**k`` blocks for ``k`` widened dimensions; IR makes them equal up to the noise),
         ``sqrt(sum ||block - mean||^2 / sum ||mean||^2)`` over all blocks of all wide tensors. ~``noise_std`` at
-        IR, and it grows as the replicas learn different features. Needs the full tensors (ZeRO-3: gathered)."""
+        IR, and it grows as the replicas learn different features. Needs the full tensors: under ZeRO-3 pass
+        ``gathered`` (e.g. ``deepspeed.zero.GatheredParameters``; then call it on every rank), which makes one
+        tensor at a time whole."""
         spread, base = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         for tensor, spec in self._wide_tensors():
-            blocks = _replica_blocks(tensor.detach().double(), spec, self.width_ratio)
+            with gathered([tensor]) if gathered else contextlib.nullcontext():
+                blocks = _replica_blocks(tensor.detach().double(), spec, self.width_ratio)
             mean = blocks.mean(0)
             spread += (blocks - mean).pow(2).sum().cpu()
             base += mean.pow(2).sum().cpu() * blocks.shape[0]

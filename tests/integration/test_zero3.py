@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpd_ds.export import run_weights
+from gpd_ds.checkpoint import complete_checkpoints
+from gpd_ds.data.demo import demo_dataset
+from gpd_ds.export import export_run, run_weights
 from tests.integration.launch_helpers import check, fp32_config, launch, overrides, train_losses, workspace_with_data
 
 STUDENTS = {"cnn": ["model.student=test_resnet"],
@@ -72,6 +74,51 @@ def test_zero3_steps_match_zero2_with_half_the_resident_parameters(workspace: Pa
 
 
 @pytest.mark.slow
+def test_zero3_ema_is_partitioned_and_equals_zero2s(workspace: Path) -> None:
+    """5 steps (where ZeRO-2 and ZeRO-3 still compute the same numbers): each rank holds about half the EMA, saved in
+    its own file; consolidated, evaluated and exported, it is ZeRO-2's whole EMA."""
+    z2, z3 = (_run(workspace, "cnn", stage, f"ema-zero{stage}", "run.max_steps=5") for stage in (2, 3))
+    ema2, _ = run_weights(z2, "last_ema")
+    ema3, _ = run_weights(z3, "last_ema")  # consolidated from the ranks' files
+    assert ema3.keys() == ema2.keys()
+    for k in ema2:
+        torch.testing.assert_close(ema3[k], ema2[k], rtol=1e-5, atol=1e-6, msg=k)
+    held = {stage: json.loads((run / "config.json").read_text())["ema_elements_per_rank"]
+            for stage, run in ((2, z2), (3, z3))}
+    for rank in range(2):
+        assert 0.45 < held[3][rank] / held[2][rank] < 0.55, held
+    checkpoint = complete_checkpoints(z3 / "checkpoints")[0]
+    assert sorted(f.name for f in checkpoint.glob("gpd_rank*.safetensors")) == [
+        "gpd_rank00000.safetensors", "gpd_rank00001.safetensors"]
+
+    def ema_top1(run: Path) -> float:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return next(r["eval/student_ema/top1"] for r in reversed(rows) if "eval/student_ema/top1" in r)
+
+    assert abs(ema_top1(z3) - ema_top1(z2)) <= 0.5  # one of the 200 images at most (fp32 reduction order)
+    out2, out3 = (export_run(run, run / "ema.safetensors", which="last_ema") for run in (z2, z3))
+    s2, s3 = load_file(str(out2)), load_file(str(out3))
+    for k in s2:
+        torch.testing.assert_close(s3[k], s2[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+def test_zero3_evaluates_without_a_full_copy_when_ranks_get_unequal_batches(workspace: Path) -> None:
+    """30 val images in 3 shards: rank 0 evaluates 2 batches of 10, rank 1 one. The models gather their parameters
+    inside every forward, so rank 1 keeps calling them (on a blank image) until rank 0 is done; every image counts
+    once."""
+    data = demo_dataset(workspace / "uneven", train_per_class=16, val_per_class=3, size=32, shard_size=10, seed=3)
+    run = workspace / "cnn-zero3-uneven"
+    args = _args(workspace, run, "cnn", "run.max_steps=2", "data.eval_batch_size=10")
+    args[args.index(f"data.root={workspace / 'data'}")] = f"data.root={data}"
+    check(launch(workspace, 2, args, ds_config=fp32_config(workspace, 3), timeout=300))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [v for r in rows for k, v in r.items() if k.startswith("eval/") and k.endswith("/top1")]
+    assert len(evals) >= 4  # student, dynamic teacher, their EMAs (and the static teacher)
+    assert all(abs(v * 30 / 100 - round(v * 30 / 100)) < 1e-6 for v in evals)  # hits out of 30, blanks not counted
+
+
+@pytest.mark.slow
 def test_zero3_resume_and_export_give_the_zero2_student(workspace: Path) -> None:
     """Stop a ZeRO-3 run at step 10 (a checkpoint), resume it to step 20: the steps, the exported student and the
     last checkpoint's consolidated weights equal the uninterrupted ZeRO-3 run's, and the ZeRO-2 run's to fp32
@@ -90,6 +137,10 @@ def test_zero3_resume_and_export_give_the_zero2_student(workspace: Path) -> None
     for k in s_ref:
         torch.testing.assert_close(s_res[k], s_z3[k], rtol=0, atol=0)
     assert _relative_distance(s_res, s_ref) < 2e-2  # against ZeRO-2: the amplified rounding of the test above
+    ema_res, _ = run_weights(run, "last_ema")  # the partitioned EMA, saved and resumed per rank
+    ema_z3, _ = run_weights(uninterrupted, "last_ema")
+    for k in ema_z3:
+        torch.testing.assert_close(ema_res[k], ema_z3[k], rtol=0, atol=0, msg=k)
     last_ref, _ = run_weights(reference, "last")
     last_z3, _ = run_weights(uninterrupted, "last")
     last_res, _ = run_weights(run, "last")  # ZeRO-3: consolidated from the partitioned checkpoint
