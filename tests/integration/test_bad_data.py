@@ -164,8 +164,8 @@ def _train_first_pass(root: Path, world: int, workers: int) -> tuple[int, int, i
         ds = TrainShards(shards, batch_size=1, rank=rank, world_size=world, num_workers=workers, seed=0,
                          transform=lambda x: x, shuffle_buffer=7, max_bad_fraction=1.0, max_pixels=89_478_485)
         for worker in range(workers):
-            share = sum(length for _, length in ds._own_shards(worker))
-            stream = ds._emissions(worker)
+            share = sum(length for _, length in ds._own_shards(rank, worker))
+            stream = ds._emissions(rank, worker)
             for _ in range(share):
                 try:
                     decode(next(stream), len(CLASSES))
