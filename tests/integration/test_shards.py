@@ -545,7 +545,13 @@ def test_writer_workers_die_on_sigterm_even_under_a_ranks_stop_handler(tmp_path:
         assert pools[0]["initializer"] is shards_mod._default_signals
         with real_pool(2, initializer=pools[0]["initializer"]) as pool:  # what the workers see
             assert all(pool.map(_worker_sigterm_is_default, range(4)))
-        with real_pool(1) as pool:  # and what they would see without it
+        # and what they would see without it; closed, not terminated: such a worker ignores SIGTERM, so
+        # Pool.__exit__ (terminate) would hang on it, which is the bug the initializer prevents
+        pool = real_pool(1)
+        try:
             assert not pool.map(_worker_sigterm_is_default, range(1))[0]
+        finally:
+            pool.close()
+            pool.join()
     finally:
         stop.uninstall()
