@@ -36,6 +36,8 @@ COMPARISONS = (
     ("control: peer", "CE -> online peer", "a_ce", "b_peer", ""),
     ("control: peer", "online peer -> GPD", "b_peer", "b_gpd", ""),
     ("control: static teacher mode", "DKD + GPD: eval -> train mode", "a_dkd_gpd", "a_dkd_gpd_trainmode", ""),
+    ("control: static teacher mode", "DKD -> DKD + GPD, train-mode teacher (post hoc)", "a_dkd",
+     "a_dkd_gpd_trainmode", ""),
     ("control: branches", "GPD from scratch: plain IR -> branches", "b_gpd", "b_gpd_branches", ""),
     ("control: width", "GPD from scratch: r = 2 -> r = 4", "b_gpd", "b_gpd_r4", ""),
 )
