@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=11)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--rows", type=int, default=8, help="operators with the largest difference to list")
+    parser.add_argument("--bf16", dest="fp32", action="store_false",
+                        help="count under bf16 autocast where the device has it (default: float32, as recorded)")
     args = parser.parse_args()
     args.compile = False
     info = distributed.init()

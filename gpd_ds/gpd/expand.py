@@ -14,13 +14,18 @@ raises :class:`UnsupportedModelError` naming its path and type.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import timm.layers
 import timm.models.convnext
 import timm.models.deit
+import timm.models.metaformer
+import timm.models.senet
+import timm.models.swin_transformer
 import timm.models.vision_transformer
 import torch
 from timm.models._efficientnet_blocks import SqueezeExcite
@@ -29,6 +34,7 @@ from torch.nn.utils import parametrize
 
 from gpd_ds.errors import UserInputError
 from gpd_ds.gpd.branches import WideBranchConv2d, is_eligible
+from gpd_ds.gpd.functional import ChannelOps, ModuleStack, StudentTrace, first_disagreement, trace_student
 from gpd_ds.gpd.layers import (
     STUDENT,
     TEACHER,
@@ -38,11 +44,16 @@ from gpd_ds.gpd.layers import (
     WideAttention,
     WideBatchNorm2d,
     WideConv2d,
+    WideConv2dSame,
+    WideGroupNorm,
     WideLayerNorm,
     WideLinear,
     WideMlp,
     WideModule,
+    WidePatchMerging,
     WideScale,
+    WideStdConv2d,
+    WideWindowAttention,
     narrow,
     widen,
 )
@@ -72,7 +83,8 @@ class _Walk:
 # Leaf modules that commute with the 1/r scaling of the invariant (positively homogeneous or linear).
 PASSTHROUGH = (
     nn.Identity, nn.ReLU, nn.LeakyReLU, nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, timm.layers.DropPath,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, timm.layers.DropPath, nn.Upsample, nn.ZeroPad2d,
+    timm.layers.pool2d_same.MaxPool2dSame, timm.layers.AvgPool2dSame,
     timm.layers.adaptive_avgmax_pool.FastAdaptiveAvgPool, timm.layers.adaptive_avgmax_pool.FastAdaptiveMaxPool,
     timm.layers.adaptive_avgmax_pool.AdaptiveAvgMaxPool2d, timm.layers.adaptive_avgmax_pool.FastAdaptiveAvgMaxPool,
 )
@@ -86,8 +98,10 @@ ACTIVATIONS = (
     timm.layers.activations.Mish, timm.layers.activations.HardMish,
 )
 
-# Containers whose child `gate` multiplies an activation: the gate stays at scale 1.
-GATED = (SqueezeExcite, timm.layers.SqueezeExcite)
+# Containers whose gate activation (the named child) multiplies an activation: the gate stays at scale 1.
+GATES: dict[type, str] = {
+    SqueezeExcite: "gate", timm.layers.SqueezeExcite: "gate", timm.models.senet.SEModule: "sigmoid"}
+GATED = tuple(GATES)
 
 _ADDITIVE = TensorSpec((2,), scaled=True)  # rule K: [1, N, C] tokens/embeddings enter at scale 1/r
 _CHANNEL_SCALE = TensorSpec((0,), scaled=False, noisy=False)  # rule J
@@ -102,6 +116,29 @@ RAW_PARAMETERS: dict[type, dict[str, TensorSpec]] = {
 }
 
 
+# Raw parameters recognised by name on any container, where the owner's class has no entry above: token and
+# position embeddings (rule K, along the channel dimension of their layout) and per-channel layer scales (rule J).
+_TOKEN_NAME = re.compile(r"(cls_token|reg_token|dist_token|pos_embed|patch_pos|pixel_pos)\d*")
+_SCALE_NAME = re.compile(r"(gamma|layer_scale)(_?\w+)?")
+
+
+def raw_parameter_rules(module: nn.Module) -> dict[str, TensorSpec]:
+    """IR rules of ``module``'s own parameters: by class (RAW_PARAMETERS, most specific first), else by name and
+    shape: ``[1, N, C]`` tokens and ``[1, C, H, W]`` maps at 1/r along C, ``[C]`` / ``[C, 1, 1]`` scales tiled."""
+    for kind in type(module).__mro__:
+        if kind in RAW_PARAMETERS:
+            return RAW_PARAMETERS[kind]
+    rules = {}
+    for name, p in module.named_parameters(recurse=False):
+        if p is None:
+            continue
+        if _TOKEN_NAME.fullmatch(name) and p.ndim in (3, 4) and p.shape[0] == 1:
+            rules[name] = _ADDITIVE if p.ndim == 3 else TensorSpec((1,), scaled=True)
+        elif _SCALE_NAME.fullmatch(name) and (p.ndim == 1 or (p.ndim == 3 and p.shape[1:] == (1, 1))):
+            rules[name] = _CHANNEL_SCALE
+    return rules
+
+
 def _convert_conv(m: nn.Conv2d, path: str, walk: _Walk) -> nn.Module:
     if m.padding_mode != "zeros":
         raise UnsupportedModelError(f"{path}: Conv2d with padding_mode={m.padding_mode!r}; only 'zeros' is "
@@ -114,6 +151,13 @@ def _convert_conv(m: nn.Conv2d, path: str, walk: _Walk) -> nn.Module:
     return WideConv2d(m, walk.width_ratio, in_expanded, out_expanded)
 
 
+def _convert_special_conv(wide: type[WideConv2d]) -> Callable[[nn.Conv2d, str, _Walk], nn.Module]:
+    """Convs that compute more than ``F.conv2d`` (same padding, weight standardisation): never multi-branch."""
+    def convert(m: nn.Conv2d, path: str, walk: _Walk) -> nn.Module:
+        return wide(m, walk.width_ratio, path not in walk.first_layers, path not in walk.classifiers)
+    return convert
+
+
 def _convert_linear(m: nn.Linear, path: str, walk: _Walk) -> nn.Module:
     groups = 3 if path in walk.qkv else 1  # attention's fused q, k, v: widened block by block
     return WideLinear(m, walk.width_ratio, path not in walk.first_layers, path not in walk.classifiers, groups)
@@ -121,6 +165,10 @@ def _convert_linear(m: nn.Linear, path: str, walk: _Walk) -> nn.Module:
 
 def _convert_batchnorm(m: nn.BatchNorm2d, path: str, walk: _Walk) -> nn.Module:
     return WideBatchNorm2d(m, walk.width_ratio, act=getattr(m, "act", None), drop=getattr(m, "drop", None))
+
+
+def _convert_groupnorm(m: nn.GroupNorm, path: str, walk: _Walk) -> nn.Module:
+    return WideGroupNorm(m, walk.width_ratio)
 
 
 def _convert_layernorm(channels_first: bool) -> Callable[[nn.LayerNorm, str, _Walk], nn.Module]:
@@ -141,10 +189,25 @@ def _convert_attention(m: timm.layers.Attention, path: str, walk: _Walk) -> nn.M
                          getattr(m, "att_mask", None))
 
 
+def _convert_window_attention(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
+    return WideWindowAttention(m.qkv, m.proj, m.num_heads, m.qkv.out_features // 3 // m.num_heads, walk.width_ratio,
+                               m.attn_drop, m.proj_drop, m.relative_position_bias_table.detach(),
+                               m.relative_position_index, m.window_area)
+
+
+def _convert_patch_merging(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
+    return WidePatchMerging(m.norm, m.reduction, walk.width_ratio)
+
+
 def _convert_layer_scale(channels_first: bool) -> Callable[[nn.Module, str, _Walk], nn.Module]:
     def convert(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
         return WideScale(m.gamma, walk.width_ratio, channels_first, getattr(m, "inplace", False))
     return convert
+
+
+def _convert_metaformer_scale(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
+    """MetaFormer's ``Scale``: a per-channel scale like LayerScale, viewed as (C, 1, 1) in NCHW blocks."""
+    return WideScale(m.scale, walk.width_ratio, channels_first=len(m.shape) == 3, name="scale")
 
 
 def _convert_mlp(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
@@ -163,21 +226,73 @@ def _convert_activation(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
 
 CONVERTERS: dict[type, Callable[[nn.Module, str, _Walk], nn.Module]] = {
     nn.Conv2d: _convert_conv,
+    timm.layers.Conv2dSame: _convert_special_conv(WideConv2dSame),
+    timm.layers.StdConv2d: _convert_special_conv(WideStdConv2d),
+    timm.layers.StdConv2dSame: _convert_special_conv(WideStdConv2d),
+    timm.layers.ScaledStdConv2d: _convert_special_conv(WideStdConv2d),
+    timm.layers.ScaledStdConv2dSame: _convert_special_conv(WideStdConv2d),
     nn.Linear: _convert_linear,
     timm.layers.Linear: _convert_linear,
     nn.BatchNorm2d: _convert_batchnorm,
+    nn.BatchNorm1d: _convert_batchnorm,
+    nn.GroupNorm: _convert_groupnorm,
+    timm.layers.GroupNorm: _convert_groupnorm,
+    timm.layers.GroupNorm1: _convert_groupnorm,
+    timm.layers.GroupNormAct: _convert_groupnorm,
+    timm.layers.GroupNorm1Act: _convert_groupnorm,
+    timm.layers.LayerNormAct: _convert_layernorm(channels_first=False),
+    timm.layers.LayerNormAct2d: _convert_layernorm(channels_first=True),
     timm.layers.BatchNormAct2d: _convert_batchnorm,
     nn.LayerNorm: _convert_layernorm(channels_first=False),
     timm.layers.LayerNorm: _convert_layernorm(channels_first=False),
     timm.layers.LayerNorm2d: _convert_layernorm(channels_first=True),
     timm.layers.Attention: _convert_attention,
     rvt.MaskedAttention: _convert_attention,
+    timm.models.swin_transformer.WindowAttention: _convert_window_attention,
+    timm.models.swin_transformer.PatchMerging: _convert_patch_merging,
     timm.layers.Mlp: _convert_mlp,
     timm.layers.ConvMlp: _convert_mlp,
     timm.layers.LayerScale: _convert_layer_scale(channels_first=False),
     timm.layers.LayerScale2d: _convert_layer_scale(channels_first=True),
+    timm.models.metaformer.Scale: _convert_metaformer_scale,
     **dict.fromkeys(ACTIVATIONS, _convert_activation),
 }
+
+
+def converter_for(module: nn.Module) -> Callable[[nn.Module, str, _Walk], nn.Module] | None:
+    """The converter of the most specific known class of ``module`` (its own class first, then its bases in
+    method resolution order), so subclasses of known layers are converted like their base."""
+    for kind in type(module).__mro__:
+        if kind in CONVERTERS:
+            return CONVERTERS[kind]
+        if any(name in vars(kind) for name in _COMPUTE_METHODS):
+            return None  # a subclass that computes differently (StdConv2d, Conv2dSame): not its base's rule
+    return None
+
+
+# Methods through which a subclass of a known layer can change what it computes.
+_COMPUTE_METHODS = ("forward", "_conv_forward")
+
+
+def _passthrough(module: nn.Module) -> bool:
+    if type(module) in PASSTHROUGH:
+        return True
+    if isinstance(module, nn.ConstantPad2d):
+        return module.value == 0  # zero padding commutes with the layout and the 1/r; another value does not
+    for kind in type(module).__mro__:  # a subclass of a passthrough layer that does not compute differently
+        if kind in PASSTHROUGH:
+            return True
+        if any(name in vars(kind) for name in _COMPUTE_METHODS):
+            return False
+    return False
+
+
+def _covered(module: nn.Module) -> bool:
+    """Whether IR has a rule for everything ``module`` computes (its own forward included)."""
+    return converter_for(module) is not None or _passthrough(module) or isinstance(module, GATED)
+
+
+_ABSORBED = {_convert_window_attention: ("softmax",)}
 
 
 def supported_modules() -> list[str]:
@@ -190,21 +305,27 @@ def _unsupported(path: str, module: nn.Module, why: str) -> UnsupportedModelErro
     return UnsupportedModelError(
         f"cannot expand the student: module '{path or '<root>'}' ({type(module).__module__}."
         f"{type(module).__qualname__}) {why}. Supported module types: {', '.join(supported_modules())}. "
-        "Supported families: timm/torchvision ResNets, MobileNet v1/v2/v3, EfficientNet, ConvNeXt, ViT/DeiT, RVT."
+        "Which timm families expand exactly: docs/supported_models.md."
     )
 
 
 def _check_supported(student: nn.Module) -> None:
     """Fail before any work, naming the first module IR has no rule for."""
+    # children a converter replaces by its own computation (Swin's softmax runs inside the fused attention)
+    absorbed = {f"{p}.{c}" for p, m in student.named_modules() for c in _ABSORBED.get(converter_for(m), ())}
     for path, m in student.named_modules():
         kind = type(m)
-        if kind in CONVERTERS or kind in PASSTHROUGH or kind in (nn.ModuleList, nn.ModuleDict):
+        if path in absorbed or converter_for(m) is not None or _passthrough(m):
+            continue
+        if kind in (nn.ModuleList, nn.ModuleDict):
             continue  # module lists and dicts are never called: only their members compute
         own = [n for n, p in m.named_parameters(recurse=False) if p is not None]
-        known = RAW_PARAMETERS.get(kind, {})
+        known = raw_parameter_rules(m)
         stray = [n for n in own if n not in known]
         if stray:
             raise _unsupported(path, m, f"holds parameters {stray} that no IR rule covers")
+        if isinstance(m, nn.Sequential) and len(m) == 0:
+            continue  # an empty Sequential is the identity (a shortcut without projection)
         if not any(True for _ in m.children()) and not own:
             raise _unsupported(path, m, "is a leaf operation with no IR rule")
         if isinstance(m, timm.layers.SelectAdaptivePool2d) and "cat" in m.pool_type:
@@ -217,7 +338,7 @@ def _convert_tree(module: nn.Module, path: str, walk: _Walk) -> nn.Module:
         new = _convert_tree(child, f"{path}.{name}" if path else name, walk)
         if new is not child:
             setattr(module, name, new)
-    converter = CONVERTERS.get(type(module))
+    converter = converter_for(module)
     return converter(module, path, walk) if converter else module
 
 
@@ -225,7 +346,7 @@ def _wrap_raw_parameters(net: nn.Module, width_ratio: int) -> list[tuple[str, st
     """Widen raw parameters of known containers in place and give them a student view."""
     wrapped = []
     for path, m in list(net.named_modules()):
-        for name, spec in RAW_PARAMETERS.get(type(m), {}).items():
+        for name, spec in raw_parameter_rules(m).items():
             p = getattr(m, name, None)
             if p is None:
                 continue
@@ -262,8 +383,8 @@ def _classifier_paths(student: nn.Module, names: dict[nn.Module, str], outputs: 
     return paths
 
 
-def _trace(student: nn.Module, probe: Tensor) -> tuple[set[str], set[str], Tensor]:
-    """Run the student once; return (first layers, classifiers, logits)."""
+def _trace(student: nn.Module, probe: Tensor) -> tuple[set[str], set[str], Tensor, StudentTrace]:
+    """Run the student once; return (first layers, classifiers, logits, what its blocks do between modules)."""
     names = {m: p for p, m in student.named_modules()}
     fed_by_image: set[str] = set()
     outputs: dict[str, Tensor] = {}
@@ -276,15 +397,18 @@ def _trace(student: nn.Module, probe: Tensor) -> tuple[set[str], set[str], Tenso
 
     handles = [m.register_forward_hook(hook) for m in student.modules()]
     try:
-        with torch.no_grad():
-            logits = student(probe)
+        logits, ops = trace_student(student, probe, _covered)
     finally:
         for h in handles:
             h.remove()
     if not isinstance(logits, Tensor) or logits.ndim != 2:
         raise UnsupportedModelError(f"{type(student).__name__} must return a (batch, classes) logits tensor, "
                                     f"got {type(logits).__name__}")
-    return fed_by_image, _classifier_paths(student, names, outputs, logits), logits
+    if ops.refusal is not None:
+        path, module, what = ops.refusal
+        raise _unsupported(path, module, f"applies {what}, a non-homogeneous function IR cannot rescale there "
+                                         "(wrap it in a module IR knows, e.g. an activation module)")
+    return fed_by_image, _classifier_paths(student, names, outputs, logits), logits, ops
 
 
 def _validate(student: nn.Module, width_ratio: int, noise_std: float) -> None:
@@ -323,19 +447,30 @@ def expand(student: nn.Module, width_ratio: int = 2, noise_std: float = 1e-6, br
     was_training = source.training
     source.eval()
     probe = torch.randn(2, *size)
-    first_layers, classifiers, logits = _trace(source, probe)
+    first_layers, classifiers, logits, ops = _trace(source, probe)
 
     net = copy.deepcopy(source)
     walk = _Walk(width_ratio, first_layers, classifiers, branches, pretrained_student)
-    walk.gates = {f"{p}.gate" for p, m in net.named_modules() if isinstance(m, GATED)}
-    walk.qkv = {f"{p}.qkv" for p, m in net.named_modules() if CONVERTERS.get(type(m)) is _convert_attention}
+    walk.gates = {f"{p}.{GATES[k]}" for p, m in net.named_modules() for k in type(m).__mro__ if k in GATES}
+    walk.qkv = {f"{p}.qkv" for p, m in net.named_modules()
+                if converter_for(m) in (_convert_attention, _convert_window_attention)}
     net = _convert_tree(net, "", walk)
     raw = _wrap_raw_parameters(net, width_ratio)
     model = GPDModel(net, width_ratio=width_ratio, in_chans=size[0], num_classes=logits.shape[1],
                      source=source, raw_parameters=raw, branches=branches, pretrained_student=pretrained_student)
     model.eval()
+    channel = ChannelOps(ops.sites, width_ratio)
+    if channel:
+        with channel.calibrating(net), _naming_failures(net):
+            model(probe, mode=TEACHER)
+        channel.install(net)
+        model.channel_sites = tuple(channel.describe())
     if verify:
-        check_ir(model, probe, logits if model.student_is_source else None)
+        try:
+            with _naming_failures(net):
+                check_ir(model, probe, logits if model.student_is_source else None)
+        except IRCheckError as err:
+            raise _located(err, model, probe, walk, ops) from None
     if noise_std > 0:
         for m in model.modules():
             if isinstance(m, WideModule):
@@ -345,6 +480,37 @@ def expand(student: nn.Module, width_ratio: int = 2, noise_std: float = 1e-6, br
     source.train(was_training)
     model.train(was_training)
     return model
+
+
+@contextlib.contextmanager
+def _naming_failures(net: nn.Module) -> Iterator[None]:
+    """Re-raise a raw error from inside the dynamic teacher's forward as :class:`UnsupportedModelError` naming the
+    innermost module that was running."""
+    with ModuleStack(dict(net.named_modules()), unwind=False) as stack:
+        try:
+            yield
+        except (RuntimeError, ValueError, IndexError, TypeError) as err:
+            if isinstance(err, UnsupportedModelError | IRCheckError) or not stack.stack:
+                raise
+            path, module = stack.stack[-1]
+            raise _unsupported(path, module, f"fails in the dynamic teacher's forward ({type(err).__name__}: "
+                                             f"{err}); its forward does something with the widened channels that "
+                                             "IR has no rule for") from err
+
+
+def _located(err: IRCheckError, model: GPDModel, probe: Tensor, walk: _Walk, ops: StudentTrace) -> Exception:
+    """The IR check failure with the first module whose teacher output is not the tiled student output."""
+    found = first_disagreement(model.net, probe, model.width_ratio, skip=walk.qkv, rtol=1e-5)
+    if found is None:
+        return err
+    path, module, diff = found
+    if ops.products.get(path):
+        return _unsupported(path, module, "multiplies two activations in its own forward (e.g. x * gate or "
+                                          "q @ k): in the dynamic teacher each carries 1/r, the product 1/r^2")
+    where = f"module '{path or '<root>'}' ({type(module).__module__}.{type(module).__qualname__})"
+    return IRCheckError(f"{err.args[0]}. The first module whose teacher output is not the tiled student output is "
+                        f"{where} (max difference {diff:.3g}): its forward, or a child's, does something IR has "
+                        "no rule for")
 
 
 @torch.no_grad()

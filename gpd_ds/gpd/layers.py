@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.layers.padding import pad_same
 from torch import Tensor, nn
 
 from gpd_ds.models.rvt import masked_attention
@@ -329,6 +330,57 @@ class WideConv2d(WideModule):
                 f"groups={self.groups}, r={self.width_ratio}")
 
 
+class WideConv2dSame(WideConv2d):
+    """timm's ``Conv2dSame``: TF "same" padding computed from the input's spatial size (channels untouched), then
+    the convolution."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(pad_same(x, self.kernel_size, self.stride, self.dilation))
+
+
+class WideStdConv2d(WideConv2d):
+    """timm's weight-standardised convolutions (``StdConv2d``, ``ScaledStdConv2d`` and their ``Same`` variants).
+
+    Each output channel's weight is standardised over its ``in x k x k`` elements, which removes any scale: the
+    wide weight is therefore tiled but never divided by r (its student slice is the student's weight exactly), and
+    tiling along the input leaves each row's mean and variance unchanged, so the teacher's standardised weight is
+    the student's, tiled. The teacher then divides it by r where the output is widened (a dense conv sums r input
+    replicas at 1/r each, or reads the image): the invariant's 1/r. ``ScaledStdConv2d``'s ``gain`` is per output
+    channel (tiled) and its ``scale`` stays the student's fan-in scale.
+    """
+
+    def __init__(self, conv: nn.Conv2d, width_ratio: int, in_expanded: bool, out_expanded: bool) -> None:
+        WideModule.__init__(self, width_ratio)
+        self.copy_geometry(conv)
+        w_spec, b_spec = _dense_specs(in_expanded, out_expanded, self.grouped)
+        self.register_wide("weight", conv.weight, TensorSpec(w_spec.dims, scaled=False))
+        self.register_wide("bias", conv.bias, b_spec)
+        gain = getattr(conv, "gain", None)
+        self.register_wide("gain", gain, TensorSpec((0,), scaled=False, noisy=False))
+        self.eps, self.scale = conv.eps, getattr(conv, "scale", None)
+        self.same_pad = getattr(conv, "same_pad", False)
+        self.divide = out_expanded and not self.grouped
+
+    def standardised(self, weight: Tensor, gain: Tensor | None) -> Tensor:
+        affine = None if gain is None else (gain * self.scale).view(-1)
+        return F.batch_norm(weight.reshape(1, weight.shape[0], -1), None, None, weight=affine, training=True,
+                            momentum=0.0, eps=self.eps).reshape_as(weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.same_pad:
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        mode = current_mode()
+        names = ("weight", "bias", "gain") if "gain" in self.specs else ("weight", "bias")
+        if mode == TEACHER:
+            weight, bias, *gain = self.teacher_tensors(*names)
+            weight = self.standardised(weight, gain[0] if gain else None)
+            weight = weight / self.width_ratio if self.divide else weight
+        else:
+            weight, bias = self.standardised(self.student_tensor("weight"), self.student_tensor("gain")), \
+                self.student_tensor("bias")
+        return self.conv(x, weight, bias, mode)
+
+
 class WideLinear(WideModule):
     """Linear of the dynamic teacher (rules A, B, C); no correction needed in either mode."""
 
@@ -460,6 +512,7 @@ class WideLayerNorm(WideModule):
         self.eps, self.channels_first = ln.eps, channels_first
         self.register_wide("weight", ln.weight, _AFFINE)
         self.register_wide("bias", ln.bias, _AFFINE)
+        self.drop, self.act = getattr(ln, "drop", None), getattr(ln, "act", None)  # timm's LayerNormAct(2d)
 
     def forward(self, x: Tensor) -> Tensor:
         r = self.width_ratio
@@ -472,10 +525,43 @@ class WideLayerNorm(WideModule):
         if self.channels_first:
             x = x.permute(0, 2, 3, 1)
         x = F.layer_norm(x, (width,), weight, bias, eps)
-        return x.permute(0, 3, 1, 2) if self.channels_first else x
+        return _drop_act(self, x.permute(0, 3, 1, 2) if self.channels_first else x)
 
     def extra_repr(self) -> str:
         return f"student={self.num_features}, eps={self.eps}, channels_first={self.channels_first}"
+
+
+def _drop_act(norm: nn.Module, x: Tensor) -> Tensor:
+    """The dropout and (already converted) activation that timm's norm-act layers run after the norm."""
+    if norm.drop is not None:
+        x = norm.drop(x)
+    return x if norm.act is None else norm.act(x)
+
+
+class WideGroupNorm(WideModule):
+    """GroupNorm (and timm's GroupNorm, GroupNorm1) of the dynamic teacher: ``r * G`` groups, so that group
+    ``p * G + g`` is student group ``g`` of replica ``p`` (replica-major), with eps / r^2 and affine / r like LayerNorm
+    (rule F): ``GN(r * x) / r`` on each replica."""
+
+    def __init__(self, gn: nn.GroupNorm, width_ratio: int) -> None:
+        super().__init__(width_ratio)
+        self.num_groups, self.num_channels, self.eps = gn.num_groups, gn.num_channels, gn.eps
+        self.register_wide("weight", gn.weight, _AFFINE)
+        self.register_wide("bias", gn.bias, _AFFINE)
+        self.drop, self.act = getattr(gn, "drop", None), getattr(gn, "act", None)  # timm's GroupNormAct
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = self.width_ratio
+        if current_mode() == TEACHER:
+            weight, bias = _teacher_affine(*self.teacher_tensors("weight", "bias"), self.num_channels * r, 1 / r, x)
+            x = F.group_norm(x, self.num_groups * r, weight, bias, self.eps / r**2)
+        else:
+            x = F.group_norm(x, self.num_groups, self.student_tensor("weight"), self.student_tensor("bias"),
+                             self.eps)
+        return _drop_act(self, x)
+
+    def extra_repr(self) -> str:
+        return f"student={self.num_channels}, groups={self.num_groups}, eps={self.eps}, r={self.width_ratio}"
 
 
 class WideActivation(nn.Module):
@@ -535,13 +621,15 @@ class WideMlp(nn.Module):
 class WideScale(WideModule):
     """Per-channel multiplicative scale, e.g. timm LayerScale (rule J): replicated, never scaled."""
 
-    def __init__(self, gamma: Tensor, width_ratio: int, channels_first: bool, inplace: bool = False) -> None:
+    def __init__(self, gamma: Tensor, width_ratio: int, channels_first: bool, inplace: bool = False,
+                 name: str = "gamma") -> None:
         super().__init__(width_ratio)
-        self.channels_first, self.inplace = channels_first, inplace
-        self.register_wide("gamma", gamma, TensorSpec((0,), scaled=False, noisy=False))
+        self.channels_first, self.inplace, self.name = channels_first, inplace, name  # name: the source's key
+        self.register_wide(name, gamma, TensorSpec((0,), scaled=False, noisy=False))
 
     def forward(self, x: Tensor) -> Tensor:
-        (gamma,) = self.teacher_tensors("gamma") if current_mode() == TEACHER else (self.student_tensor("gamma"),)
+        name = self.name
+        (gamma,) = self.teacher_tensors(name) if current_mode() == TEACHER else (self.student_tensor(name),)
         if self.channels_first:
             gamma = gamma.view(1, -1, 1, 1)
         return x.mul_(gamma) if self.inplace else x * gamma
@@ -591,6 +679,60 @@ class WideAttention(WideModule):
     def extra_repr(self) -> str:
         return (f"student_heads={self.num_heads}, head_dim={self.head_dim}, r={self.width_ratio}"
                 f"{', PAAS mask' if 'att_mask' in self.specs else ''}")
+
+
+class WideWindowAttention(WideAttention):
+    """Swin's window attention: :class:`WideAttention` plus a per-head additive bias (the relative position bias,
+    looked up from a ``(positions, heads)`` table, and the shifted-window mask). Teacher head ``p * H + h`` uses
+    head ``h``'s bias (the table tiled along its head axis, neither divided nor noised), and the bias adds to
+    logits that are at the student's scale, so it is exact in both modes."""
+
+    def __init__(self, qkv: WideLinear, proj: WideLinear, num_heads: int, head_dim: int, width_ratio: int,
+                 attn_drop: nn.Dropout, proj_drop: nn.Module, table: Tensor, index: Tensor, window_area: int) -> None:
+        super().__init__(qkv, proj, num_heads, head_dim, width_ratio, attn_drop, proj_drop)
+        self.window_area = window_area
+        self.register_wide("relative_position_bias_table", table, TensorSpec((1,), scaled=False, noisy=False))
+        self.register_buffer("relative_position_index", index.clone(), persistent=False)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        batch, tokens, _ = x.shape
+        mode, heads, scale = current_mode(), self.num_heads, self.head_dim**-0.5
+        if mode == TEACHER:
+            heads *= self.width_ratio
+            scale *= self.width_ratio**2
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        name = "relative_position_bias_table"
+        (table,) = self.teacher_tensors(name) if mode == TEACHER else (self.student_tensor(name),)
+        area = self.window_area
+        bias = table[self.relative_position_index.view(-1)].view(area, area, -1).permute(2, 0, 1).unsqueeze(0)
+        if mask is not None:
+            windows = mask.shape[0]
+            mask = mask.view(1, windows, 1, tokens, tokens).expand(batch // windows, -1, heads, -1, -1)
+            bias = bias + mask.reshape(-1, heads, tokens, tokens)
+        dropout = self.attn_drop.p if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout, scale=scale)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(batch, tokens, -1)))
+
+
+class WidePatchMerging(nn.Module):
+    """Swin's patch merging: 2 x 2 neighbours concatenated along channels (NHWC), then norm and reduction. The
+    teacher keeps the concatenation replica-major (``[replica][neighbour][C]``), so each replica merges its own
+    channels as the student does."""
+
+    def __init__(self, norm: nn.Module, reduction: nn.Module, width_ratio: int) -> None:
+        super().__init__()
+        self.norm, self.reduction, self.width_ratio = norm, reduction, width_ratio
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, height, width, channels = x.shape
+        x = F.pad(x, (0, 0, 0, width % 2, 0, height % 2))
+        _, height, width, _ = x.shape
+        if current_mode() == TEACHER:
+            r = self.width_ratio
+            x = x.reshape(batch, height // 2, 2, width // 2, 2, r, channels // r).permute(0, 1, 3, 5, 4, 2, 6)
+        else:
+            x = x.reshape(batch, height // 2, 2, width // 2, 2, channels).permute(0, 1, 3, 4, 2, 5)
+        return self.reduction(self.norm(x.flatten(3)))
 
 
 class StudentView(nn.Module):

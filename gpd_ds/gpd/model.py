@@ -67,6 +67,7 @@ class GPDModel(nn.Module):
         # mode="both" hands the student pass the student views taken with the teacher's (pair_scope): the same
         # numbers as separate views, with a cheaper backward. False only to measure or test the difference.
         self.paired_views = True
+        self.channel_sites: tuple[str, ...] = ()  # channel concat/split run replica-aware (gpd.functional)
         self.taps: tuple = ()
         self.connectors: nn.ModuleDict | None = None
 
