@@ -322,7 +322,7 @@ class WideConv2d(WideModule):
     def teacher_scaled(self, x: Tensor, weight_scale: float, bias_scale: float) -> Tensor:
         """The teacher-mode output with the weight and bias scaled (a dense conv: ``scale * conv`` folded)."""
         weight, bias = self.teacher_tensors("weight", "bias")
-        bias = None if bias is None or bias_scale == 1.0 else bias * bias_scale
+        bias = bias if bias is None or bias_scale == 1.0 else bias * bias_scale
         return F.conv2d(x, weight * weight_scale, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
@@ -400,7 +400,7 @@ class WideLinear(WideModule):
     def teacher_scaled(self, x: Tensor, weight_scale: float, bias_scale: float) -> Tensor:
         """The teacher-mode output with the weight and bias scaled."""
         weight, bias = self.teacher_tensors("weight", "bias")
-        return F.linear(x, weight * weight_scale, None if bias is None or bias_scale == 1.0 else bias * bias_scale)
+        return F.linear(x, weight * weight_scale, bias if bias is None or bias_scale == 1.0 else bias * bias_scale)
 
     def extra_repr(self) -> str:
         return f"student={self.in_features}->{self.out_features}, r={self.width_ratio}"

@@ -52,6 +52,23 @@ def test_default_noise_keeps_predictions_and_student_slice(name: str) -> None:
     assert not torch.equal(out.teacher, out.student)
 
 
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "convnext_atto", "rvt_tiny", "efficientnet_b0"])
+def test_ir_is_exact_with_nonzero_biases(name: str) -> None:
+    """Timm initialises many biases to zero (a ViT's MLP): a teacher that dropped one would still pass at init. A
+    trained or pretrained student has none at zero."""
+    student = make_student(name)
+    with torch.no_grad():
+        for param_name, p in student.named_parameters():
+            if param_name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model = expand(student, noise_std=0.0).eval()
+    x = images(name)
+    with torch.no_grad():
+        original = student(x)
+        assert_close_logits(model(x, mode="teacher"), original)
+        assert_close_logits(model(x, mode="student"), original)
+
+
 def _train_steps(model: torch.nn.Module, name: str, steps: int = 3) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     loss_fn = GPDLoss(kd="none")
