@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -134,8 +135,13 @@ class _Tracer(TorchFunctionMode):
     def __init__(self, stack: ModuleStack, covered: Callable[[nn.Module], bool], probe: Tensor) -> None:
         super().__init__()
         self.stack, self.covered, self.trace = stack, covered, StudentTrace()
-        self.tainted = {id(probe)}
-        self.keep = [probe]  # keeps tainted tensors alive, so their ids are not reused during the trace
+        # id -> weak reference: an id alone could be reused by a later tensor; keeping the tensors alive would hold
+        # every activation of the trace
+        self.tainted = {id(probe): weakref.ref(probe)}
+
+    def _is_tainted(self, t: Tensor) -> bool:
+        ref = self.tainted.get(id(t))
+        return ref is not None and ref() is t
 
     def _uncovered(self) -> tuple[str, nn.Module] | None:
         """The innermost executing module, unless it or an ancestor on the stack has an IR rule."""
@@ -145,13 +151,12 @@ class _Tracer(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None):
         kwargs = kwargs or {}
-        inputs = [t for t in _tensors((args, kwargs)) if id(t) in self.tainted]
+        inputs = [t for t in _tensors((args, kwargs)) if self._is_tainted(t)]
         out = func(*args, **kwargs)
         if not inputs:
             return out
         for t in _tensors(out):
-            self.tainted.add(id(t))
-            self.keep.append(t)
+            self.tainted[id(t)] = weakref.ref(t)
         where = self._uncovered()
         if where is None:
             return out
