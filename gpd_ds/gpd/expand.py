@@ -52,6 +52,7 @@ from gpd_ds.gpd.layers import (
     WideModule,
     WidePatchMerging,
     WideScale,
+    WideStarReLU,
     WideStdConv2d,
     WideWindowAttention,
     narrow,
@@ -255,6 +256,7 @@ CONVERTERS: dict[type, Callable[[nn.Module, str, _Walk], nn.Module]] = {
     timm.layers.LayerScale: _convert_layer_scale(channels_first=False),
     timm.layers.LayerScale2d: _convert_layer_scale(channels_first=True),
     timm.models.metaformer.Scale: _convert_metaformer_scale,
+    timm.models.metaformer.StarReLU: lambda m, path, walk: WideStarReLU(m, walk.width_ratio),
     **dict.fromkeys(ACTIVATIONS, _convert_activation),
 }
 
@@ -375,6 +377,11 @@ def _classifier_paths(student: nn.Module, names: dict[nn.Module, str], outputs: 
     heads = get_classifier() if callable(get_classifier) else ()
     heads = heads if isinstance(heads, tuple) else (heads,)
     paths = {names[h] for h in heads if isinstance(h, nn.Linear | nn.Conv2d)}
+    # a head that is a container (RepViT's norm + linear, with a distillation twin whose logits are averaged in):
+    # its layers that produce the logits' shape
+    paths |= {names[m] for h in heads if isinstance(h, nn.Module) and not isinstance(h, nn.Linear | nn.Conv2d)
+              for m in h.modules() if isinstance(m, nn.Linear | nn.Conv2d) and names.get(m) in outputs
+              and outputs[names[m]].shape == logits.shape}
     paths |= {p for p, out in outputs.items() if out is logits}
     if not paths:
         raise UnsupportedModelError(

@@ -596,6 +596,23 @@ class WideActivation(nn.Module):
         return f"gate={self.gate}, clamp={self.clamp}, r={self.width_ratio}"
 
 
+class WideStarReLU(WideModule):
+    """MetaFormer's StarReLU ``s * relu(x)^2 + b`` (rule G'): ``act(r * x) / r`` in teacher mode. Its two scalars
+    are shared by every channel, so they are neither widened nor divided: both modes read the same tensors."""
+
+    def __init__(self, act: nn.Module, width_ratio: int) -> None:
+        super().__init__(width_ratio)
+        self.register_wide("scale", act.scale, TensorSpec((), scaled=False, noisy=False))
+        self.register_wide("bias", act.bias, TensorSpec((), scaled=False, noisy=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if current_mode() == TEACHER:
+            r = self.width_ratio
+            scale, bias = self.teacher_tensors("scale", "bias")
+            return (scale * F.relu(x * r) ** 2 + bias) / r
+        return self.student_tensor("scale") * F.relu(x) ** 2 + self.student_tensor("bias")
+
+
 class WideMlp(nn.Module):
     """timm's ``Mlp`` / ``ConvMlp`` (fc1, activation, dropout, fc2) of the dynamic teacher.
 

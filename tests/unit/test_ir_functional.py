@@ -20,9 +20,10 @@ from tests.helpers import NUM_CLASSES, assert_close_logits, images, make_student
 # concat (FasterNet), chunk (CSPNet's cross-stage split), a squeeze-excite gate that is not timm's (legacy SENet),
 # GroupNorm and MetaFormer's per-channel Scale (PoolFormer), channel slices x[:, :c] (GhostNet), a layer scale known
 # by its name (InceptionNeXt's gamma), scaled weight-standardised convs (NFNet); and Swin (window attention, relative
-# position bias, patch merging).
+# position bias, patch merging); StarReLU (PoolFormer-v2), a distillation head of container classifiers (RepViT).
 REPRESENTATIVES = ["densenet121", "dla46x_c", "fasternet_t0", "cs3darknet_focus_s", "legacy_seresnet18",
-                   "poolformer_s12", "ghostnet_050", "inception_next_atto", "test_nfnet"]
+                   "poolformer_s12", "ghostnet_050", "inception_next_atto", "test_nfnet", "poolformerv2_s12",
+                   "repvit_m1"]
 
 
 def _without_dropout(model: nn.Module) -> nn.Module:
