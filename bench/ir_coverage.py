@@ -126,7 +126,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--doc", type=Path, help=f"replace the block between {BEGIN} and {END} of this page")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    unknown = sorted(set(args.modules or ()) - set(timm.list_modules()))
+    if unknown:
+        parser.error(f"--modules {' '.join(unknown)}: not timm model modules; the modules are "
+                     f"{', '.join(timm.list_modules())}")
     rows = []
     for module in args.modules or timm.list_modules():
         start = time.perf_counter()

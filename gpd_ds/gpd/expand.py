@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import timm.layers
@@ -261,32 +261,32 @@ CONVERTERS: dict[type, Callable[[nn.Module, str, _Walk], nn.Module]] = {
 }
 
 
-def converter_for(module: nn.Module) -> Callable[[nn.Module, str, _Walk], nn.Module] | None:
-    """The converter of the most specific known class of ``module`` (its own class first, then its bases in
-    method resolution order), so subclasses of known layers are converted like their base."""
-    for kind in type(module).__mro__:
-        if kind in CONVERTERS:
-            return CONVERTERS[kind]
-        if any(name in vars(kind) for name in _COMPUTE_METHODS):
-            return None  # a subclass that computes differently (StdConv2d, Conv2dSame): not its base's rule
-    return None
-
-
 # Methods through which a subclass of a known layer can change what it computes.
 _COMPUTE_METHODS = ("forward", "_conv_forward")
 
 
+def _known_class(module: nn.Module, known: Iterable[type]) -> type | None:
+    """The most specific class of ``module`` in ``known`` (its own class first, then its bases in method resolution
+    order), unless a class on the way redefines what it computes (StdConv2d, Conv2dSame are not Conv2d's rule)."""
+    for kind in type(module).__mro__:
+        if kind in known:
+            return kind
+        if any(name in vars(kind) for name in _COMPUTE_METHODS):
+            return None
+    return None
+
+
+def converter_for(module: nn.Module) -> Callable[[nn.Module, str, _Walk], nn.Module] | None:
+    """The converter of the most specific known class of ``module``: subclasses of known layers are converted like
+    their base."""
+    kind = _known_class(module, CONVERTERS)
+    return None if kind is None else CONVERTERS[kind]
+
+
 def _passthrough(module: nn.Module) -> bool:
-    if type(module) in PASSTHROUGH:
-        return True
     if isinstance(module, nn.ConstantPad2d):
         return module.value == 0  # zero padding commutes with the layout and the 1/r; another value does not
-    for kind in type(module).__mro__:  # a subclass of a passthrough layer that does not compute differently
-        if kind in PASSTHROUGH:
-            return True
-        if any(name in vars(kind) for name in _COMPUTE_METHODS):
-            return False
-    return False
+    return _known_class(module, PASSTHROUGH) is not None
 
 
 def _covered(module: nn.Module) -> bool:

@@ -482,11 +482,7 @@ class WideBatchNorm2d(WideModule):
             x = self._norm(x, self.student_running_mean, self.student_running_var,
                            self.student_num_batches_tracked, self.student_tensor("weight"),
                            self.student_tensor("bias"), self.eps)
-        if self.drop is not None:
-            x = self.drop(x)
-        if self.act is not None:
-            x = self.act(x)
-        return x
+        return _drop_act(self, x)
 
     def student_state(self) -> dict[str, Tensor]:
         state = super().student_state()
