@@ -41,13 +41,16 @@ from gpd_ds.gpd.layers import (
     StudentView,
     TensorSpec,
     WideActivation,
+    WideAffine,
     WideAttention,
     WideBatchNorm2d,
+    WideBiasedAttention,
     WideConv2d,
     WideConv2dSame,
     WideGroupNorm,
     WideLayerNorm,
     WideLinear,
+    WideLiteMLA,
     WideMlp,
     WideModule,
     WidePatchMerging,
@@ -85,7 +88,8 @@ class _Walk:
 PASSTHROUGH = (
     nn.Identity, nn.ReLU, nn.LeakyReLU, nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d,
     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, timm.layers.DropPath, nn.Upsample, nn.ZeroPad2d,
-    timm.layers.pool2d_same.MaxPool2dSame, timm.layers.AvgPool2dSame,
+    timm.layers.pool2d_same.MaxPool2dSame, timm.layers.AvgPool2dSame, timm.models.efficientformer.Flat,
+    timm.models.levit.Downsample,
     timm.layers.adaptive_avgmax_pool.FastAdaptiveAvgPool, timm.layers.adaptive_avgmax_pool.FastAdaptiveMaxPool,
     timm.layers.adaptive_avgmax_pool.AdaptiveAvgMaxPool2d, timm.layers.adaptive_avgmax_pool.FastAdaptiveAvgMaxPool,
 )
@@ -101,7 +105,8 @@ ACTIVATIONS = (
 
 # Containers whose gate activation (the named child) multiplies an activation: the gate stays at scale 1.
 GATES: dict[type, str] = {
-    SqueezeExcite: "gate", timm.layers.SqueezeExcite: "gate", timm.models.senet.SEModule: "sigmoid"}
+    SqueezeExcite: "gate", timm.layers.SqueezeExcite: "gate", timm.layers.EffectiveSEModule: "gate",
+    timm.models.senet.SEModule: "sigmoid", timm.models.hgnet.EseModule: "sigmoid"}
 GATED = tuple(GATES)
 
 _ADDITIVE = TensorSpec((2,), scaled=True)  # rule K: [1, N, C] tokens/embeddings enter at scale 1/r
@@ -126,6 +131,8 @@ _SCALE_NAME = re.compile(r"(gamma|layer_scale)(_?\w+)?")
 def raw_parameter_rules(module: nn.Module) -> dict[str, TensorSpec]:
     """IR rules of ``module``'s own parameters: by class (RAW_PARAMETERS, most specific first), else by name and
     shape: ``[1, N, C]`` tokens and ``[1, C, H, W]`` maps at 1/r along C, ``[C]`` / ``[C, 1, 1]`` scales tiled."""
+    if isinstance(module, WideModule):
+        return {}  # a converted layer's parameters are wide already (WideScale's gamma would match by name)
     for kind in type(module).__mro__:
         if kind in RAW_PARAMETERS:
             return RAW_PARAMETERS[kind]
@@ -196,6 +203,13 @@ def _convert_window_attention(m: nn.Module, path: str, walk: _Walk) -> nn.Module
                                m.relative_position_index, m.window_area)
 
 
+def _convert_biased_attention(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
+    if getattr(m, "use_conv", False):
+        raise UnsupportedModelError(f"{path}: LeViT attention in conv mode (levit_conv_*); use the linear-mode "
+                                    "model of the same size (levit_*)")
+    return WideBiasedAttention(m, walk.width_ratio)
+
+
 def _convert_patch_merging(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
     return WidePatchMerging(m.norm, m.reduction, walk.width_ratio)
 
@@ -251,12 +265,18 @@ CONVERTERS: dict[type, Callable[[nn.Module, str, _Walk], nn.Module]] = {
     rvt.MaskedAttention: _convert_attention,
     timm.models.swin_transformer.WindowAttention: _convert_window_attention,
     timm.models.swin_transformer.PatchMerging: _convert_patch_merging,
+    timm.models.levit.Attention: _convert_biased_attention,
+    timm.models.levit.AttentionDownsample: _convert_biased_attention,
+    timm.models.tiny_vit.Attention: _convert_biased_attention,
+    timm.models.efficientformer.Attention: _convert_biased_attention,
+    timm.models.efficientvit_mit.LiteMLA: lambda m, path, walk: WideLiteMLA(m, walk.width_ratio),
     timm.layers.Mlp: _convert_mlp,
     timm.layers.ConvMlp: _convert_mlp,
     timm.layers.LayerScale: _convert_layer_scale(channels_first=False),
     timm.layers.LayerScale2d: _convert_layer_scale(channels_first=True),
     timm.models.metaformer.Scale: _convert_metaformer_scale,
     timm.models.metaformer.StarReLU: lambda m, path, walk: WideStarReLU(m, walk.width_ratio),
+    timm.models.hgnet.LearnableAffineBlock: lambda m, path, walk: WideAffine(m, walk.width_ratio),
     **dict.fromkeys(ACTIVATIONS, _convert_activation),
 }
 

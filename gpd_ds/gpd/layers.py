@@ -609,6 +609,23 @@ class WideStarReLU(WideModule):
         return self.student_tensor("scale") * F.relu(x) ** 2 + self.student_tensor("bias")
 
 
+class WideAffine(WideModule):
+    """HGNet's LearnableAffineBlock ``s * x + b`` after an activation, with scalars shared by every channel. In
+    teacher mode ``x`` carries the 1/r, so the output must too: ``s * x + b / r``. Both scalars are one tensor for
+    both modes (nothing to widen); the bias is stored as ``b / r`` (the teacher's) and read times r by the student.
+    """
+
+    def __init__(self, block: nn.Module, width_ratio: int) -> None:
+        super().__init__(width_ratio)
+        self.register_wide("scale", block.scale, TensorSpec((), scaled=False, noisy=False))
+        self.register_wide("bias", block.bias, TensorSpec((), scaled=True, noisy=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, bias = (self.teacher_tensors("scale", "bias") if current_mode() == TEACHER
+                       else (self.student_tensor("scale"), self.student_tensor("bias")))
+        return scale * x + bias
+
+
 class WideMlp(nn.Module):
     """timm's ``Mlp`` / ``ConvMlp`` (fc1, activation, dropout, fc2) of the dynamic teacher.
 
@@ -725,6 +742,88 @@ class WideWindowAttention(WideAttention):
         dropout = self.attn_drop.p if self.training else 0.0
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout, scale=scale)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(batch, tokens, -1)))
+
+
+class WideBiasedAttention(WideModule):
+    """Attention with a learned per-head bias on the logits and a per-head ``[q | k | v]`` layout (LeViT, TinyViT,
+    EfficientFormer): ``qkv(x)`` viewed ``(B, N, heads, 2 * key_dim + val_dim)``, or a separate ``q`` (on
+    subsampled tokens) and ``kv`` (LeViT's attention downsampling).
+
+    The teacher's qkv is a plain replica-major layer, so its ``r * H`` heads are a free view (head ``p * H + h`` is
+    replica ``p`` of head ``h``); the ``r * r`` of ``q @ k^T`` is folded into the softmax scale and the bias table is
+    tiled along its head axis (neither divided nor noised), as in :class:`WideWindowAttention`.
+    """
+
+    def __init__(self, m: nn.Module, width_ratio: int) -> None:
+        super().__init__(width_ratio)
+        self.norm = getattr(m, "norm", nn.Identity())
+        self.qkv, self.kv, self.q = getattr(m, "qkv", None), getattr(m, "kv", None), getattr(m, "q", None)
+        self.proj = m.proj
+        self.num_heads, self.key_dim, self.val_dim, self.scale = m.num_heads, m.key_dim, m.val_dim, m.scale
+        self.register_wide("attention_biases", m.attention_biases, TensorSpec((0,), scaled=False, noisy=False))
+        # EfficientFormer saves the index table in its state dict, LeViT and TinyViT do not: keep the source's keys
+        self.index_persistent = "attention_bias_idxs" in m.state_dict()
+        self.register_buffer("attention_bias_idxs", m.attention_bias_idxs.clone(), persistent=self.index_persistent)
+
+    def forward(self, x: Tensor) -> Tensor:
+        teacher = current_mode() == TEACHER
+        r = self.width_ratio if teacher else 1
+        heads, key_dim = self.num_heads * r, self.key_dim
+        name = "attention_biases"
+        (table,) = self.teacher_tensors(name) if teacher else (self.student_tensor(name),)
+        batch, tokens = x.shape[:2]
+        x = self.norm(x)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).view(batch, tokens, heads, -1).split([key_dim, key_dim, self.val_dim], dim=3)
+        else:
+            k, v = self.kv(x).view(batch, tokens, heads, -1).split([key_dim, self.val_dim], dim=3)
+            q = self.q(x).view(batch, -1, heads, key_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        bias = table[:, self.attention_bias_idxs].to(q.dtype)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale * r * r)
+        return self.proj(x.transpose(1, 2).reshape(batch, q.shape[2], -1))
+
+    def student_state(self) -> dict[str, Tensor]:
+        state = super().student_state()
+        if self.index_persistent:
+            state["attention_bias_idxs"] = self.attention_bias_idxs.clone()
+        return state
+
+    def extra_repr(self) -> str:
+        return f"student_heads={self.num_heads}, key_dim={self.key_dim}, val_dim={self.val_dim}, r={self.width_ratio}"
+
+
+class WideLiteMLA(nn.Module):
+    """EfficientViT's multi-scale ReLU linear attention (LiteMLA). Per head, with ``v1 = [v, 1]``:
+    ``o = q (k^T v1)``, output ``o[:-1] / (o[-1] + eps)``.
+
+    The student's channels are ``[scale][head][q | k | v]``, so the teacher's (replica-major, the concat of the
+    scales made replica-aware by the channel ops) give ``r x`` the heads, replica ``p`` of head ``h`` at
+    ``p * heads + h``. ``q``, ``k``, ``v`` carry 1/r, the padded ones do not: the numerator carries 1/r^3, the
+    denominator 1/r^2, so with ``eps / r^2`` the quotient is exactly the student's times 1/r.
+    """
+
+    def __init__(self, m: nn.Module, width_ratio: int) -> None:
+        super().__init__()
+        self.qkv, self.aggreg, self.kernel_func, self.proj = m.qkv, m.aggreg, m.kernel_func, m.proj
+        self.dim, self.eps, self.width_ratio = m.dim, m.eps, width_ratio
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, _, height, width = x.shape
+        r = self.width_ratio if current_mode() == TEACHER else 1
+        qkv = self.qkv(x)
+        scales = [t.unflatten(1, (r, -1)) for t in (qkv, *(op(qkv) for op in self.aggreg))]
+        qkv = torch.cat(scales, dim=2).flatten(1, 2)  # the teacher's replicas concatenate their own scales
+        q, k, v = qkv.reshape(batch, -1, 3 * self.dim, height * width).transpose(-1, -2).chunk(3, dim=-1)
+        q, k, v = self.kernel_func(q), self.kernel_func(k), F.pad(v, (0, 1), value=1.0)
+        eps = self.eps / r**2
+        with torch.autocast(device_type=x.device.type, enabled=False):  # the quotient wants fp32, as in timm
+            out = q.float() @ (k.float().transpose(-1, -2) @ v.float())
+            out = (out[..., :-1] / (out[..., -1:] + eps)).to(v.dtype)
+        return self.proj(out.transpose(-1, -2).reshape(batch, -1, height, width))
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.dim}, eps={self.eps}, r={self.width_ratio}"
 
 
 class WidePatchMerging(nn.Module):

@@ -74,9 +74,11 @@ def create_model(name: str, num_classes: int | None = None, image_size: int | No
 
 
 def _fixed_image_size(model: nn.Module) -> int | None:
-    """The square input size a model was built for, if it needs one (timm patch embeddings)."""
+    """The square input size a model was built for, if it needs one: timm patch embeddings, or a model whose
+    config says its input size is fixed (LeViT's attention-bias tables)."""
     patch_embed = getattr(model, "patch_embed", None)
     size = getattr(patch_embed, "img_size", None)
-    if size is None or getattr(patch_embed, "dynamic_img_size", False):
-        return None
-    return size[0]
+    if size is not None:
+        return None if getattr(patch_embed, "dynamic_img_size", False) else size[0]
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg["input_size"][-1] if cfg.get("fixed_input_size") and "input_size" in cfg else None

@@ -69,6 +69,23 @@ def test_ir_is_exact_with_nonzero_biases(name: str) -> None:
         assert_close_logits(model(x, mode="student"), original)
 
 
+def test_vit_with_layer_scale_expands_and_extracts() -> None:
+    """DeiT-III / CaiT-style ViTs carry timm's LayerScale: its ``gamma`` is widened once by the converter, never a
+    second time by the by-name rule for raw parameters (it was: a shape error at expand)."""
+    torch.manual_seed(0)
+    student = create_model("vit_tiny_patch16_224", num_classes=NUM_CLASSES, image_size=32, init_values=0.5).eval()
+    with torch.no_grad():
+        for m in student.modules():
+            if hasattr(m, "gamma"):
+                m.gamma.uniform_(0.2, 1.0)  # distinct per channel: a mis-tiled gamma would show
+    model = expand(student, noise_std=0.0).eval()
+    x = images("vit_tiny_patch16_224")
+    with torch.no_grad():
+        original = student(x)
+        assert_close_logits(model(x, mode="teacher"), original)
+    assert check_equivalence(model, extract(model), x) <= 1e-5
+
+
 def _train_steps(model: torch.nn.Module, name: str, steps: int = 3) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     loss_fn = GPDLoss(kd="none")

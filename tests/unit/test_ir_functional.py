@@ -14,16 +14,20 @@ from gpd_ds.gpd import UnsupportedModelError, check_equivalence, expand, extract
 from gpd_ds.gpd.layers import narrow
 from gpd_ds.losses import GPDLoss
 from gpd_ds.models import create_model
-from tests.helpers import NUM_CLASSES, assert_close_logits, images, make_student
+from tests.helpers import NUM_CLASSES, assert_close_logits, build_kwargs, images, make_student
 
 # One real timm model per capability (smallest of its family): channel concat (DenseNet, DLA), channel split +
 # concat (FasterNet), chunk (CSPNet's cross-stage split), a squeeze-excite gate that is not timm's (legacy SENet),
 # GroupNorm and MetaFormer's per-channel Scale (PoolFormer), channel slices x[:, :c] (GhostNet), a layer scale known
 # by its name (InceptionNeXt's gamma), scaled weight-standardised convs (NFNet); and Swin (window attention, relative
-# position bias, patch merging); StarReLU (PoolFormer-v2), a distillation head of container classifiers (RepViT).
+# position bias, patch merging); StarReLU (PoolFormer-v2), a distillation head of container classifiers (RepViT);
+# attention with learned per-head biases and attention downsampling (LeViT; TinyViT's with a norm inside), ReLU
+# linear attention over concatenated scales (EfficientViT), the effective SE gate (VoVNet), a learnable affine
+# after activations (HGNet-v2), timm's LayerScale next to a split (MambaOut), root tokens known by name (PiT).
 REPRESENTATIVES = ["densenet121", "dla46x_c", "fasternet_t0", "cs3darknet_focus_s", "legacy_seresnet18",
                    "poolformer_s12", "ghostnet_050", "inception_next_atto", "test_nfnet", "poolformerv2_s12",
-                   "repvit_m1"]
+                   "repvit_m1", "levit_128s", "tiny_vit_5m_224", "efficientvit_b0", "ese_vovnet19b_slim_dw",
+                   "hgnetv2_b0", "test_mambaout", "pit_ti_224"]
 
 
 def _without_dropout(model: nn.Module) -> nn.Module:
@@ -62,7 +66,8 @@ def test_representative_is_exact_in_both_modes_and_extracts_after_training(name:
         assert_close_logits(out.student, train_original)
     model = expand(student, input_size=tuple(x.shape[1:]))  # default noise: the replica-aware ops really act
     assert check_equivalence(model, extract(model), x) <= 1e-5
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    # lr 0.01: at 0.05 EfficientViT's ReLU linear attention overflows to NaN in the plain timm model too
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     for step in range(2):
         out = model.train()(x + 0.1 * step, mode="both")
         y = torch.arange(4) % NUM_CLASSES
@@ -70,8 +75,8 @@ def test_representative_is_exact_in_both_modes_and_extracts_after_training(name:
         GPDLoss(kd="none")(out.student, out.teacher, y).total.backward()
         opt.step()
     plain = extract(model)
-    assert check_equivalence(model, plain, x) <= 1e-5
-    fresh = _swin() if name == "swin" else create_model(name, num_classes=NUM_CLASSES)
+    check_equivalence(model, plain, x)  # raises above 1e-5 x max|logit| (LeViT's grow to ~1e3 in two steps)
+    fresh = _swin() if name == "swin" else create_model(name, num_classes=NUM_CLASSES, **build_kwargs(name))
     fresh.load_state_dict(plain.state_dict(), strict=True)
 
 
