@@ -45,18 +45,25 @@ from gpd_ds.gpd.layers import (
     WideAttention,
     WideBatchNorm2d,
     WideBiasedAttention,
+    WideClassAttention,
     WideConv2d,
     WideConv2dSame,
     WideGroupNorm,
+    WideHeadFirstAttention,
     WideLayerNorm,
     WideLinear,
     WideLiteMLA,
+    WideLocalWindowAttention,
     WideMlp,
     WideModule,
     WidePatchMerging,
+    WideRelPosBias,
     WideScale,
+    WideSplitAttention,
     WideStarReLU,
     WideStdConv2d,
+    WideSubsampledAttention,
+    WideTalkingHeadAttention,
     WideWindowAttention,
     narrow,
     widen,
@@ -81,7 +88,8 @@ class _Walk:
     branches: bool
     pretrained_student: bool
     gates: set[str] = field(default_factory=set)
-    qkv: set[str] = field(default_factory=set)
+    # fused projections of attention ([q | k | v] or [k | v] blocks) -> number of blocks, each widened on its own
+    blocks: dict[str, int] = field(default_factory=dict)
 
 
 # Leaf modules that commute with the 1/r scaling of the invariant (positively homogeneous or linear).
@@ -167,7 +175,7 @@ def _convert_special_conv(wide: type[WideConv2d]) -> Callable[[nn.Conv2d, str, _
 
 
 def _convert_linear(m: nn.Linear, path: str, walk: _Walk) -> nn.Module:
-    groups = 3 if path in walk.qkv else 1  # attention's fused q, k, v: widened block by block
+    groups = walk.blocks.get(path, 1)
     return WideLinear(m, walk.width_ratio, path not in walk.first_layers, path not in walk.classifiers, groups)
 
 
@@ -208,6 +216,33 @@ def _convert_biased_attention(m: nn.Module, path: str, walk: _Walk) -> nn.Module
         raise UnsupportedModelError(f"{path}: LeViT attention in conv mode (levit_conv_*); use the linear-mode "
                                     "model of the same size (levit_*)")
     return WideBiasedAttention(m, walk.width_ratio)
+
+
+def _convert_head_first_attention(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
+    if not m.head_first:
+        raise UnsupportedModelError(f"{path}: MaxViT attention with head_first=False ([q | k | v] blocks from a "
+                                    "conv); only head_first=True, timm's default, is supported")
+    if m.rel_pos is not None and not isinstance(m.rel_pos, WideRelPosBias):
+        raise UnsupportedModelError(f"{path}: MaxViT attention with {type(m.rel_pos).__name__}; only RelPosBias "
+                                    "is supported")
+    channels_first = isinstance(m, timm.models.maxxvit.Attention2d)
+    return WideHeadFirstAttention(m, walk.width_ratio, channels_first)
+
+
+def _convert_subsampled_attention(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
+    return WideSubsampledAttention(m, walk.width_ratio)
+
+
+def _convert_local_window_attention(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
+    return WideLocalWindowAttention(m, walk.width_ratio)
+
+
+def _convert_talking_heads(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
+    return WideTalkingHeadAttention(m, walk.width_ratio)
+
+
+def _convert_split_attention(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
+    return WideSplitAttention(m, walk.width_ratio)
 
 
 def _convert_patch_merging(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
@@ -269,6 +304,15 @@ CONVERTERS: dict[type, Callable[[nn.Module, str, _Walk], nn.Module]] = {
     timm.models.levit.AttentionDownsample: _convert_biased_attention,
     timm.models.tiny_vit.Attention: _convert_biased_attention,
     timm.models.efficientformer.Attention: _convert_biased_attention,
+    timm.layers.pos_embed_rel.RelPosBias: lambda m, path, walk: WideRelPosBias(m, walk.width_ratio),
+    timm.models.maxxvit.Attention2d: _convert_head_first_attention,
+    timm.models.maxxvit.AttentionCl: _convert_head_first_attention,
+    timm.models.pvt_v2.Attention: _convert_subsampled_attention,
+    timm.models.twins.GlobalSubSampleAttn: _convert_subsampled_attention,
+    timm.models.twins.LocallyGroupedAttn: _convert_local_window_attention,
+    timm.models.cait.TalkingHeadAttn: _convert_talking_heads,
+    timm.models.cait.ClassAttn: lambda m, path, walk: WideClassAttention(m, walk.width_ratio),
+    timm.layers.SplitAttn: _convert_split_attention,
     timm.models.efficientvit_mit.LiteMLA: lambda m, path, walk: WideLiteMLA(m, walk.width_ratio),
     timm.layers.Mlp: _convert_mlp,
     timm.layers.ConvMlp: _convert_mlp,
@@ -314,7 +358,14 @@ def _covered(module: nn.Module) -> bool:
     return converter_for(module) is not None or _passthrough(module) or isinstance(module, GATED)
 
 
-_ABSORBED = {_convert_window_attention: ("softmax",)}
+# Attention converters whose fused projections hold [q | k | v] (or [k | v]) blocks: child name -> blocks.
+_FUSED_PROJECTIONS = {
+    _convert_attention: {"qkv": 3}, _convert_window_attention: {"qkv": 3},
+    _convert_subsampled_attention: {"kv": 2}, _convert_local_window_attention: {"qkv": 3},
+    _convert_talking_heads: {"qkv": 3},
+}
+
+_ABSORBED = {_convert_window_attention: ("softmax",), _convert_split_attention: ("rsoftmax",)}
 
 
 def supported_modules() -> list[str]:
@@ -474,13 +525,22 @@ def expand(student: nn.Module, width_ratio: int = 2, noise_std: float = 1e-6, br
     was_training = source.training
     source.eval()
     probe = torch.randn(2, *size)
-    first_layers, classifiers, logits, ops = _trace(source, probe)
+    try:
+        first_layers, classifiers, logits, ops = _trace(source, probe)
+    except (RuntimeError, ValueError, IndexError, TypeError) as err:
+        if isinstance(err, UserInputError):
+            raise
+        given = "given" if input_size is not None else "inferred"
+        raise UnsupportedModelError(
+            f"the student ({type(student).__name__}) does not run on a probe of the {given} input size "
+            f"{tuple(size)} ({type(err).__name__}: {err}); pass expand(..., input_size=(C, H, W)) with the size it "
+            "was built for") from err
 
     net = copy.deepcopy(source)
     walk = _Walk(width_ratio, first_layers, classifiers, branches, pretrained_student)
     walk.gates = {f"{p}.{GATES[k]}" for p, m in net.named_modules() for k in type(m).__mro__ if k in GATES}
-    walk.qkv = {f"{p}.qkv" for p, m in net.named_modules()
-                if converter_for(m) in (_convert_attention, _convert_window_attention)}
+    walk.blocks = {f"{p}.{name}": n for p, m in net.named_modules()
+                   for name, n in _FUSED_PROJECTIONS.get(converter_for(m), {}).items()}
     net = _convert_tree(net, "", walk)
     raw = _wrap_raw_parameters(net, width_ratio)
     model = GPDModel(net, width_ratio=width_ratio, in_chans=size[0], num_classes=logits.shape[1],
@@ -527,7 +587,7 @@ def _naming_failures(net: nn.Module) -> Iterator[None]:
 
 def _located(err: IRCheckError, model: GPDModel, probe: Tensor, walk: _Walk, ops: StudentTrace) -> Exception:
     """The IR check failure with the first module whose teacher output is not the tiled student output."""
-    found = first_disagreement(model.net, probe, model.width_ratio, skip=walk.qkv, rtol=1e-5)
+    found = first_disagreement(model.net, probe, model.width_ratio, skip=walk.blocks, rtol=1e-5)
     if found is None:
         return err
     path, module, diff = found

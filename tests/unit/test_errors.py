@@ -36,10 +36,18 @@ def test_unsupported_parameter_free_leaf() -> None:
 
 
 def test_unsupported_timm_family_is_named() -> None:
-    model = create_model("levit_128s", num_classes=4, img_size=64)
-    with pytest.raises(UnsupportedModelError, match=r"timm.models.levit.Attention\) holds parameters "
-                                                    r"\['attention_biases'\]"):
+    model = create_model("xcit_nano_12_p8_224", num_classes=4, img_size=64)
+    with pytest.raises(UnsupportedModelError, match=r"'blocks.0.attn' \(timm.models.xcit.XCA\) holds parameters "
+                                                    r"\['temperature'\]"):
         expand(model)
+
+
+def test_a_student_that_does_not_run_at_the_probe_size_asks_for_input_size() -> None:
+    model = create_model("levit_128s", num_classes=4, image_size=32)  # its bias tables fix the size; no patch_embed
+    with pytest.raises(UnsupportedModelError, match=r"probe of the inferred input size \(3, 64, 64\) .*pass "
+                                                    r"expand\(\.\.\., input_size=\(C, H, W\)\)"):
+        expand(model)
+    assert expand(model, input_size=(3, 32, 32)).width_ratio == 2
 
 
 def test_functional_nonlinearity_is_refused_before_any_numeric_check() -> None:

@@ -23,11 +23,15 @@ from tests.helpers import NUM_CLASSES, assert_close_logits, build_kwargs, images
 # position bias, patch merging); StarReLU (PoolFormer-v2), a distillation head of container classifiers (RepViT);
 # attention with learned per-head biases and attention downsampling (LeViT; TinyViT's with a norm inside), ReLU
 # linear attention over concatenated scales (EfficientViT), the effective SE gate (VoVNet), a learnable affine
-# after activations (HGNet-v2), timm's LayerScale next to a split (MambaOut), root tokens known by name (PiT).
+# after activations (HGNet-v2), timm's LayerScale next to a split (MambaOut), root tokens known by name (PiT),
+# relative position bias in NCHW and channels-last attention (CoAtNet, MaxViT), spatial-reduction attention with
+# [k | v] projections (PVT-v2) and locally-grouped window attention (Twins), talking heads and class attention
+# (CaiT), split attention across radix groups (ResNeSt).
 REPRESENTATIVES = ["densenet121", "dla46x_c", "fasternet_t0", "cs3darknet_focus_s", "legacy_seresnet18",
                    "poolformer_s12", "ghostnet_050", "inception_next_atto", "test_nfnet", "poolformerv2_s12",
                    "repvit_m1", "levit_128s", "tiny_vit_5m_224", "efficientvit_b0", "ese_vovnet19b_slim_dw",
-                   "hgnetv2_b0", "test_mambaout", "pit_ti_224"]
+                   "hgnetv2_b0", "test_mambaout", "pit_ti_224", "test_coatnet", "test_maxvit",
+                   "pvt_v2_b0", "twins_svt_small", "cait_xxs24_224", "resnest14d"]
 
 
 def _without_dropout(model: nn.Module) -> nn.Module:
@@ -215,6 +219,16 @@ class _Product(nn.Module):
 def test_what_cannot_be_covered_is_refused_by_module_and_operation(model: nn.Module, message: str) -> None:
     with pytest.raises(UnsupportedModelError, match=message):
         expand(model.eval(), input_size=(3, 8, 8))
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("levit_conv_128s", r"levit_conv_\*\); use the linear-mode model"),
+    ("maxvit_rmlp_pico_rw_256", r"MaxViT attention with RelPosMlp; only RelPosBias is supported"),
+])
+def test_attention_variants_outside_the_converters_are_refused_by_name(name: str, message: str) -> None:
+    student = create_model(name, num_classes=NUM_CLASSES, img_size=64).eval()
+    with pytest.raises(UnsupportedModelError, match=message):
+        expand(student, input_size=(3, 64, 64))
 
 
 def test_subclass_that_computes_differently_is_not_taken_for_its_base() -> None:
