@@ -33,6 +33,19 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from gpd_ds.errors import UserInputError
+from gpd_ds.gpd.attention import (
+    WideAttention,
+    WideBiasedAttention,
+    WideClassAttention,
+    WideHeadFirstAttention,
+    WideLiteMLA,
+    WideLocalWindowAttention,
+    WideRelPosBias,
+    WideSplitAttention,
+    WideSubsampledAttention,
+    WideTalkingHeadAttention,
+    WideWindowAttention,
+)
 from gpd_ds.gpd.branches import WideBranchConv2d, is_eligible
 from gpd_ds.gpd.functional import ChannelOps, ModuleStack, StudentTrace, first_disagreement, trace_student
 from gpd_ds.gpd.layers import (
@@ -42,29 +55,18 @@ from gpd_ds.gpd.layers import (
     TensorSpec,
     WideActivation,
     WideAffine,
-    WideAttention,
     WideBatchNorm2d,
-    WideBiasedAttention,
-    WideClassAttention,
     WideConv2d,
     WideConv2dSame,
     WideGroupNorm,
-    WideHeadFirstAttention,
     WideLayerNorm,
     WideLinear,
-    WideLiteMLA,
-    WideLocalWindowAttention,
     WideMlp,
     WideModule,
     WidePatchMerging,
-    WideRelPosBias,
     WideScale,
-    WideSplitAttention,
     WideStarReLU,
     WideStdConv2d,
-    WideSubsampledAttention,
-    WideTalkingHeadAttention,
-    WideWindowAttention,
     narrow,
     widen,
 )

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gpd_ds.cli import main as cli_main
 from gpd_ds.gpd import check_equivalence, expand, extract
-from gpd_ds.gpd.layers import WideAttention
+from gpd_ds.gpd.attention import WideAttention
 from gpd_ds.models import create_model
 from gpd_ds.models.rvt import MaskedAttention, token_grid
 from gpd_ds.models.weights import WeightsError, convert_weights, load_weights
