@@ -37,6 +37,7 @@ import io
 import json
 import logging
 import multiprocessing
+import multiprocessing.pool
 import os
 import random
 import re
@@ -373,13 +374,30 @@ def _too_large(width: int, height: int, max_pixels: int) -> str | None:
     return f"{width}x{height} = {width * height:,} pixels > --max-pixels {max_pixels:,}"
 
 
+_WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 def _default_signals() -> None:
-    """Pool worker start: the default SIGTERM/SIGINT/SIGUSR1 dispositions. A worker forked from a training rank
-    inherits its stop handler, which only records a request; ``Pool.terminate`` (the end of the ``with`` block)
-    holds the task queue's lock and then relies on SIGTERM, so a worker still waiting for that lock would never
-    exit and the rank would hang in the join."""
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    """Pool worker start: the default SIGTERM/SIGINT/SIGUSR1 dispositions, then unblock them (see
+    :func:`_worker_pool`). A worker forked from a training rank inherits its stop handler, which only records a
+    request; ``Pool.terminate`` (the end of the ``with`` block) holds the task queue's lock and then relies on
+    SIGTERM, so a worker still waiting for that lock would never exit and the rank would hang in the join."""
+    for s in _WORKER_SIGNALS:
         signal.signal(s, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
+
+
+def _worker_pool(workers: int) -> multiprocessing.pool.Pool:
+    """A pool whose workers die on SIGTERM whenever it comes. The stop signals are blocked while the workers are
+    forked, so one that arrives before a worker's initializer has run stays pending instead of reaching the
+    inherited record-only handler (which would leave that worker alive and ``terminate`` hanging); the initializer
+    unblocks them once the default dispositions are in place. The parent's own mask is restored right after, so a
+    signal sent to the rank meanwhile is delivered to its handler then, not lost."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+    try:
+        return multiprocessing.Pool(workers, initializer=_default_signals)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _write_shard(task: tuple[int, str, list[Sample], int]) -> _ShardResult:
@@ -508,7 +526,7 @@ def make_shards(src: str | Path, out: str | Path, split: str, *, shard_size: int
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
     initial = sum(len(chunks[i]) for i in labels)
     with (Progress(len(samples), f"shards {split}", unit="img", enabled=progress, initial=initial) as bar,
-          multiprocessing.Pool(workers, initializer=_default_signals) as pool):
+          _worker_pool(workers) as pool):
         for result in pool.imap_unordered(_write_shard, tasks):
             labels[result.index] = result.labels
             skipped += result.skipped

@@ -4,8 +4,11 @@ the pixel limit, layout checks, damaged index and mapping files, and the CLI sum
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -543,7 +546,7 @@ def test_writer_workers_die_on_sigterm_even_under_a_ranks_stop_handler(tmp_path:
         make_shards(tmp_path / "train", tmp_path / "out", "train", shard_size=5, workers=2, progress=False)
         assert pools
         assert pools[0]["initializer"] is shards_mod._default_signals
-        with real_pool(2, initializer=pools[0]["initializer"]) as pool:  # what the workers see
+        with shards_mod._worker_pool(2) as pool:  # what the workers see
             assert all(pool.map(_worker_sigterm_is_default, range(4)))
         # and what they would see without it; closed, not terminated: such a worker ignores SIGTERM, so
         # Pool.__exit__ (terminate) would hang on it, which is the bug the initializer prevents
@@ -553,5 +556,41 @@ def test_writer_workers_die_on_sigterm_even_under_a_ranks_stop_handler(tmp_path:
         finally:
             pool.close()
             pool.join()
+    finally:
+        stop.uninstall()
+
+
+def _slow_start(real: Callable[[], None]) -> Callable[[], None]:
+    def start() -> None:
+        time.sleep(1.0)  # a worker slow to start (a loaded machine): a SIGTERM can come before its initializer
+        real()
+    return start
+
+
+def test_a_sigterm_that_comes_before_a_workers_initializer_still_kills_it(monkeypatch) -> None:
+    """The inherited record-only handler is live from the fork until the initializer resets it; a SIGTERM in that
+    window (Pool.terminate right after a short map) must not be swallowed, or the worker outlives terminate and
+    the rank hangs in the join. The stop signals stay blocked until the initializer has run."""
+    from gpd_ds.preemption import StopRequest
+
+    monkeypatch.setattr(shards_mod, "_default_signals", _slow_start(shards_mod._default_signals))
+    stop = StopRequest().install()
+    try:
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        pool = shards_mod._worker_pool(2)
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask  # the rank's own mask is restored
+        workers = list(pool._pool)
+        try:
+            for p in workers:
+                os.kill(p.pid, signal.SIGTERM)  # before their initializers have run
+            for p in workers:
+                p.join(timeout=20)
+            assert [p.exitcode for p in workers] == [-signal.SIGTERM] * len(workers)
+        finally:
+            # close, not terminate: the workers still alive (the failure this test looks for) take the close
+            # sentinel and exit; terminate would hang on them
+            pool.close()
+            pool.join()
+        assert stop.signum is None  # the rank itself received nothing
     finally:
         stop.uninstall()
