@@ -8,6 +8,8 @@ linear attention's normaliser).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -378,3 +380,60 @@ class WideLiteMLA(nn.Module):
 
     def extra_repr(self) -> str:
         return f"head_dim={self.dim}, eps={self.eps}, r={self.width_ratio}"
+
+
+class WideCosineWindowAttention(WideModule):
+    """Swin-v2's window attention: cosine similarity of ``q`` and ``k`` times a per-head learned scale, plus a
+    continuous relative-position bias that a small MLP computes from fixed coordinates.
+
+    Cosine similarity is scale-free: the teacher's heads (replicas of the student's at 1/r) give the student's
+    logits with no ``r^2`` to fold. ``q_bias`` / ``v_bias`` are widened and divided like ``[q | k | v]`` biases; the
+    logit scale is tiled along heads. The position MLP (``cpb_mlp``) reads constants, not activations: it is left as
+    it is, shared by both modes, and its ``(positions, heads)`` output is tiled along heads for the teacher.
+    """
+
+    def __init__(self, m: nn.Module, width_ratio: int) -> None:
+        super().__init__(width_ratio)
+        self.qkv, self.proj, self.attn_drop, self.proj_drop, self.cpb_mlp = (
+            m.qkv, m.proj, m.attn_drop, m.proj_drop, m.cpb_mlp)
+        self.num_heads, self.window_area = m.num_heads, m.window_size[0] * m.window_size[1]
+        self.register_wide("logit_scale", m.logit_scale, TensorSpec((0,), scaled=False, noisy=False))
+        self.register_wide("q_bias", m.q_bias, TensorSpec((0,), scaled=True))
+        self.register_wide("v_bias", m.v_bias, TensorSpec((0,), scaled=True))
+        self.register_buffer("relative_coords_table", m.relative_coords_table.clone(), persistent=False)
+        self.register_buffer("relative_position_index", m.relative_position_index.clone(), persistent=False)
+
+    def _tensors(self, teacher: bool) -> list[Tensor | None]:
+        names = ("logit_scale", "q_bias", "v_bias")
+        return self.teacher_tensors(*names) if teacher else [self.student_tensor(n) for n in names]
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        teacher = current_mode() == TEACHER
+        r = self.width_ratio if teacher else 1
+        batch, tokens, _ = x.shape
+        heads = self.num_heads * r
+        logit_scale, q_bias, v_bias = self._tensors(teacher)
+        qkv = self.qkv(x)
+        if q_bias is not None:
+            qkv = qkv + torch.cat((q_bias, torch.zeros_like(q_bias), v_bias))
+        q, k, v = qkv.reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads).repeat(1, r)
+        area = self.window_area
+        bias = table[self.relative_position_index.view(-1)].view(area, area, heads).permute(2, 0, 1)
+        attn = attn + 16 * torch.sigmoid(bias)
+        if mask is not None:
+            windows = mask.shape[0]
+            attn = (attn.view(-1, windows, heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0))
+            attn = attn.view(-1, heads, tokens, tokens)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(batch, tokens, -1)))
+
+    def student_state(self) -> dict[str, Tensor]:
+        state = super().student_state()
+        state.update({f"cpb_mlp.{k}": v.detach().clone() for k, v in self.cpb_mlp.state_dict().items()})
+        return state
+
+    def extra_repr(self) -> str:
+        return f"student_heads={self.num_heads}, r={self.width_ratio}"

@@ -37,6 +37,7 @@ from gpd_ds.gpd.attention import (
     WideAttention,
     WideBiasedAttention,
     WideClassAttention,
+    WideCosineWindowAttention,
     WideHeadFirstAttention,
     WideLiteMLA,
     WideLocalWindowAttention,
@@ -248,7 +249,12 @@ def _convert_split_attention(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
 
 
 def _convert_patch_merging(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
-    return WidePatchMerging(m.norm, m.reduction, walk.width_ratio)
+    norm_last = isinstance(m, timm.models.swin_transformer_v2.PatchMerging)
+    return WidePatchMerging(m.norm, m.reduction, walk.width_ratio, norm_last)
+
+
+def _convert_cosine_window_attention(m: nn.Module, path: str, walk: _Walk) -> nn.Module:
+    return WideCosineWindowAttention(m, walk.width_ratio)
 
 
 def _convert_layer_scale(channels_first: bool) -> Callable[[nn.Module, str, _Walk], nn.Module]:
@@ -302,6 +308,8 @@ CONVERTERS: dict[type, Callable[[nn.Module, str, _Walk], nn.Module]] = {
     rvt.MaskedAttention: _convert_attention,
     timm.models.swin_transformer.WindowAttention: _convert_window_attention,
     timm.models.swin_transformer.PatchMerging: _convert_patch_merging,
+    timm.models.swin_transformer_v2.WindowAttention: _convert_cosine_window_attention,
+    timm.models.swin_transformer_v2.PatchMerging: _convert_patch_merging,
     timm.models.levit.Attention: _convert_biased_attention,
     timm.models.levit.AttentionDownsample: _convert_biased_attention,
     timm.models.tiny_vit.Attention: _convert_biased_attention,
@@ -364,10 +372,14 @@ def _covered(module: nn.Module) -> bool:
 _FUSED_PROJECTIONS = {
     _convert_attention: {"qkv": 3}, _convert_window_attention: {"qkv": 3},
     _convert_subsampled_attention: {"kv": 2}, _convert_local_window_attention: {"qkv": 3},
-    _convert_talking_heads: {"qkv": 3},
+    _convert_talking_heads: {"qkv": 3}, _convert_cosine_window_attention: {"qkv": 3},
 }
 
-_ABSORBED = {_convert_window_attention: ("softmax",), _convert_split_attention: ("rsoftmax",)}
+_ABSORBED = {_convert_window_attention: ("softmax",), _convert_split_attention: ("rsoftmax",),
+             _convert_cosine_window_attention: ("softmax",)}
+
+# Children a converter keeps as they are (they compute from constants, not activations): not widened.
+_KEPT = {_convert_cosine_window_attention: ("cpb_mlp",)}
 
 
 def supported_modules() -> list[str]:
@@ -409,11 +421,14 @@ def _check_supported(student: nn.Module) -> None:
 
 
 def _convert_tree(module: nn.Module, path: str, walk: _Walk) -> nn.Module:
+    converter = converter_for(module)
+    kept = _KEPT.get(converter, ())
     for name, child in list(module.named_children()):
+        if name in kept:
+            continue
         new = _convert_tree(child, f"{path}.{name}" if path else name, walk)
         if new is not child:
             setattr(module, name, new)
-    converter = converter_for(module)
     return converter(module, path, walk) if converter else module
 
 

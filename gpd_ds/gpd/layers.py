@@ -664,13 +664,15 @@ class WideScale(WideModule):
 
 
 class WidePatchMerging(nn.Module):
-    """Swin's patch merging: 2 x 2 neighbours concatenated along channels (NHWC), then norm and reduction. The
+    """Swin's patch merging: 2 x 2 neighbours concatenated along channels (NHWC), then norm and reduction (v2:
+    reduction and norm). The
     teacher keeps the concatenation replica-major (``[replica][neighbour][C]``), so each replica merges its own
     channels as the student does."""
 
-    def __init__(self, norm: nn.Module, reduction: nn.Module, width_ratio: int) -> None:
+    def __init__(self, norm: nn.Module, reduction: nn.Module, width_ratio: int, norm_last: bool = False) -> None:
         super().__init__()
         self.norm, self.reduction, self.width_ratio = norm, reduction, width_ratio
+        self.norm_last = norm_last  # Swin-v2 reduces, then normalises
 
     def forward(self, x: Tensor) -> Tensor:
         batch, height, width, channels = x.shape
@@ -681,7 +683,8 @@ class WidePatchMerging(nn.Module):
             x = x.reshape(batch, height // 2, 2, width // 2, 2, r, channels // r).permute(0, 1, 3, 5, 4, 2, 6)
         else:
             x = x.reshape(batch, height // 2, 2, width // 2, 2, channels).permute(0, 1, 3, 4, 2, 5)
-        return self.reduction(self.norm(x.flatten(3)))
+        x = x.flatten(3)
+        return self.norm(self.reduction(x)) if self.norm_last else self.reduction(self.norm(x))
 
 
 class StudentView(nn.Module):

@@ -26,7 +26,8 @@ from tests.helpers import NUM_CLASSES, assert_close_logits, build_kwargs, images
 # after activations (HGNet-v2), timm's LayerScale next to a split (MambaOut), root tokens known by name (PiT),
 # relative position bias in NCHW and channels-last attention (CoAtNet, MaxViT), spatial-reduction attention with
 # [k | v] projections (PVT-v2) and locally-grouped window attention (Twins), talking heads and class attention
-# (CaiT), split attention across radix groups (ResNeSt).
+# (CaiT), split attention across radix groups (ResNeSt); and small Swin / Swin-v2 models built here (SMALL: window
+# attention, cosine attention with a position MLP kept plain, both patch mergings).
 REPRESENTATIVES = ["densenet121", "dla46x_c", "fasternet_t0", "cs3darknet_focus_s", "legacy_seresnet18",
                    "poolformer_s12", "ghostnet_050", "inception_next_atto", "test_nfnet", "poolformerv2_s12",
                    "repvit_m1", "levit_128s", "tiny_vit_5m_224", "efficientvit_b0", "ese_vovnet19b_slim_dw",
@@ -53,10 +54,30 @@ def _swin() -> nn.Module:
                            num_classes=NUM_CLASSES, drop_path_rate=0.0).eval()
 
 
-@pytest.mark.parametrize("name", [*REPRESENTATIVES, "swin"])
+def _swinv2() -> nn.Module:
+    """A small Swin-v2 (cosine attention, q/v biases, continuous position bias MLP, post-norm, v2 patch merging),
+    with non-zero q/v biases and distinct per-head logit scales (timm starts them at 0 and log 10)."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    torch.manual_seed(0)
+    model = SwinTransformerV2(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2),
+                              num_heads=(2, 4), num_classes=NUM_CLASSES, drop_path_rate=0.0).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_bias", "v_bias")):
+                p.normal_(0, 0.1)
+            elif name.endswith("logit_scale"):
+                p.uniform_(1.0, 3.0)
+    return model
+
+
+SMALL = {"swin": _swin, "swinv2": _swinv2}
+
+
+@pytest.mark.parametrize("name", [*REPRESENTATIVES, *SMALL])
 def test_representative_is_exact_in_both_modes_and_extracts_after_training(name: str) -> None:
-    student = _swin() if name == "swin" else _without_dropout(make_student(name))
-    x = torch.randn(4, 3, 32, 32) if name == "swin" else images(name)
+    student = SMALL[name]() if name in SMALL else _without_dropout(make_student(name))
+    x = torch.randn(4, 3, 32, 32) if name in SMALL else images(name)
     with torch.no_grad():
         original = student(x)
         train_original = copy.deepcopy(student).train()(x)
@@ -80,14 +101,14 @@ def test_representative_is_exact_in_both_modes_and_extracts_after_training(name:
         opt.step()
     plain = extract(model)
     check_equivalence(model, plain, x)  # raises above 1e-5 x max|logit| (LeViT's grow to ~1e3 in two steps)
-    fresh = _swin() if name == "swin" else create_model(name, num_classes=NUM_CLASSES, **build_kwargs(name))
+    fresh = SMALL[name]() if name in SMALL else create_model(name, num_classes=NUM_CLASSES, **build_kwargs(name))
     fresh.load_state_dict(plain.state_dict(), strict=True)
 
 
-@pytest.mark.parametrize("name", [*REPRESENTATIVES, "swin"])
+@pytest.mark.parametrize("name", [*REPRESENTATIVES, *SMALL])
 def test_student_gradient_stays_in_its_slice_through_channel_ops(name: str) -> None:
-    student = _swin() if name == "swin" else make_student(name)
-    x = torch.randn(4, 3, 32, 32) if name == "swin" else images(name)
+    student = SMALL[name]() if name in SMALL else make_student(name)
+    x = torch.randn(4, 3, 32, 32) if name in SMALL else images(name)
     model = expand(student, input_size=tuple(x.shape[1:])).train()
     model(x, mode="student").square().mean().backward()
     checked = 0
