@@ -1,9 +1,10 @@
 """Attention variants of the dynamic teacher (docs/ir_functional_ops.md, section 4).
 
 Every variant reads the teacher's ``r x H`` heads as a free view of its replica-major projections (teacher head
-``p * H + h`` is replica ``p`` of student head ``h``) and folds the ``r^2`` of ``q @ k^T`` into the softmax scale;
-what differs is where the heads sit in the channels and what else touches the logits (bias tables, talking heads,
-linear attention's normaliser).
+``p * H + h`` is replica ``p`` of student head ``h``). Softmax attention folds the ``r^2`` of ``q @ k^T`` into the
+softmax scale; what differs is where the heads sit in the channels and what else touches the logits (bias tables,
+talking heads). The others say what they do instead: cosine attention is scale-free, linear attention rescales its
+normaliser's epsilon, split attention gates each replica's own splits.
 """
 
 from __future__ import annotations
