@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpd_ds.gpd.layers import TEACHER, TensorSpec, WideLinear, WideModule, current_mode
+from gpd_ds.gpd.layers import TensorSpec, WideLinear, WideModule, replicas
 from gpd_ds.models.rvt import masked_attention
 
 
@@ -44,15 +44,12 @@ class WideAttention(WideModule):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         batch, tokens, _ = x.shape
-        scale = self.head_dim**-0.5
+        r = replicas(self.width_ratio)
+        heads, scale = self.num_heads * r, self.head_dim**-0.5 * r * r
         qkv = self.qkv(x)  # (B, N, 3 * heads * head_dim), [q | k | v] blocks
-        heads, mode = self.num_heads, current_mode()
-        if mode == TEACHER:
-            heads *= self.width_ratio
-            scale *= self.width_ratio**2
         q, k, v = qkv.reshape(batch, tokens, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if "att_mask" in self.specs:
-            (mask,) = self.teacher_tensors("att_mask") if mode == TEACHER else (self.student_tensor("att_mask"),)
+            (mask,) = self.mode_tensors("att_mask")
             x = masked_attention(q, k, v, mask, scale, self.attn_drop)
         else:
             dropout = self.attn_drop.p if self.training else 0.0
@@ -80,13 +77,10 @@ class WideWindowAttention(WideAttention):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         batch, tokens, _ = x.shape
-        mode, heads, scale = current_mode(), self.num_heads, self.head_dim**-0.5
-        if mode == TEACHER:
-            heads *= self.width_ratio
-            scale *= self.width_ratio**2
+        r = replicas(self.width_ratio)
+        heads, scale = self.num_heads * r, self.head_dim**-0.5 * r * r
         q, k, v = self.qkv(x).reshape(batch, tokens, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        name = "relative_position_bias_table"
-        (table,) = self.teacher_tensors(name) if mode == TEACHER else (self.student_tensor(name),)
+        (table,) = self.mode_tensors("relative_position_bias_table")
         area = self.window_area
         bias = table[self.relative_position_index.view(-1)].view(area, area, -1).permute(2, 0, 1).unsqueeze(0)
         if mask is not None:
@@ -112,7 +106,7 @@ class WideSubsampledAttention(nn.Module):
         self.num_heads, self.scale, self.width_ratio = m.num_heads, m.scale, width_ratio
 
     def forward(self, x: Tensor, size: list[int]) -> Tensor:
-        r = self.width_ratio if current_mode() == TEACHER else 1
+        r = replicas(self.width_ratio)
         batch, tokens, channels = x.shape
         heads = self.num_heads * r
         q = self.q(x).reshape(batch, tokens, heads, -1).transpose(1, 2)
@@ -140,7 +134,7 @@ class WideLocalWindowAttention(nn.Module):
         self.num_heads, self.scale, self.ws, self.width_ratio = m.num_heads, m.scale, m.ws, width_ratio
 
     def forward(self, x: Tensor, size: list[int]) -> Tensor:
-        r = self.width_ratio if current_mode() == TEACHER else 1
+        r = replicas(self.width_ratio)
         batch, tokens, channels = x.shape
         (height, width), ws, heads = size, self.ws, self.num_heads * r
         x = F.pad(x.view(batch, height, width, channels), (0, 0, 0, -width % ws, 0, -height % ws))
@@ -175,7 +169,7 @@ class WideTalkingHeadAttention(nn.Module):
         return attn.permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        r = self.width_ratio if current_mode() == TEACHER else 1
+        r = replicas(self.width_ratio)
         batch, tokens, _ = x.shape
         q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads * r, -1).permute(2, 0, 3, 1, 4)
         attn = self._mix(self.proj_l, (q * (self.scale * r * r)) @ k.transpose(-2, -1), r)
@@ -197,7 +191,7 @@ class WideClassAttention(nn.Module):
         self.num_heads, self.scale, self.width_ratio = m.num_heads, m.scale, width_ratio
 
     def forward(self, x: Tensor) -> Tensor:
-        r = self.width_ratio if current_mode() == TEACHER else 1
+        r = replicas(self.width_ratio)
         batch, tokens, _ = x.shape
         heads = self.num_heads * r
         q = self.q(x[:, :1]).reshape(batch, 1, heads, -1).transpose(1, 2)
@@ -224,7 +218,7 @@ class WideSplitAttention(nn.Module):
         self.radix, self.cardinality, self.width_ratio = m.radix, m.rsoftmax.cardinality, width_ratio
 
     def forward(self, x: Tensor) -> Tensor:
-        r = self.width_ratio if current_mode() == TEACHER else 1
+        r = replicas(self.width_ratio)
         x = self.act0(self.drop(self.bn0(self.conv(x))))
         batch, channels, height, width = x.shape
         splits = x.view(batch, r, self.radix, channels // (r * self.radix), height, width)
@@ -262,11 +256,9 @@ class WideBiasedAttention(WideModule):
         self.register_buffer("attention_bias_idxs", m.attention_bias_idxs.clone(), persistent=self.index_persistent)
 
     def forward(self, x: Tensor) -> Tensor:
-        teacher = current_mode() == TEACHER
-        r = self.width_ratio if teacher else 1
+        r = replicas(self.width_ratio)
         heads, key_dim = self.num_heads * r, self.key_dim
-        name = "attention_biases"
-        (table,) = self.teacher_tensors(name) if teacher else (self.student_tensor(name),)
+        (table,) = self.mode_tensors("attention_biases")
         batch, tokens = x.shape[:2]
         x = self.norm(x)
         if self.qkv is not None:
@@ -303,8 +295,7 @@ class WideRelPosBias(WideModule):
 
     def get_bias(self) -> Tensor:
         """``(1, heads, N, N)``: the teacher's ``r x`` heads in teacher mode."""
-        name = "relative_position_bias_table"
-        (table,) = self.teacher_tensors(name) if current_mode() == TEACHER else (self.student_tensor(name),)
+        (table,) = self.mode_tensors("relative_position_bias_table")
         bias = table[self.relative_position_index].view(*self.tokens, table.shape[-1])
         return bias.permute(2, 0, 1).unsqueeze(0)
 
@@ -329,7 +320,7 @@ class WideHeadFirstAttention(nn.Module):
         if shared_rel_pos is not None:
             raise ValueError("MaxViT attention given a shared relative-position bias: IR widens only a "
                                         "block's own RelPosBias")
-        r = self.width_ratio if current_mode() == TEACHER else 1
+        r = replicas(self.width_ratio)
         heads, width = self.num_heads * r, 3 * self.dim_head
         if self.channels_first:
             batch, _, height, width_px = x.shape
@@ -354,8 +345,8 @@ class WideLiteMLA(nn.Module):
     """EfficientViT's multi-scale ReLU linear attention (LiteMLA). Per head, with ``v1 = [v, 1]``:
     ``o = q (k^T v1)``, output ``o[:-1] / (o[-1] + eps)``.
 
-    The student's channels are ``[scale][head][q | k | v]``, so the teacher's (replica-major, the concat of the
-    scales made replica-aware by the channel ops) give ``r x`` the heads, replica ``p`` of head ``h`` at
+    The student's channels are ``[scale][head][q | k | v]``, so the teacher's (replica-major: each replica concatenates
+    its own scales) give ``r x`` the heads, replica ``p`` of head ``h`` at
     ``p * heads + h``. ``q``, ``k``, ``v`` carry 1/r, the padded ones do not: the numerator carries 1/r^3, the
     denominator 1/r^2, so with ``eps / r^2`` the quotient is exactly the student's times 1/r.
     """
@@ -367,7 +358,7 @@ class WideLiteMLA(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch, _, height, width = x.shape
-        r = self.width_ratio if current_mode() == TEACHER else 1
+        r = replicas(self.width_ratio)
         qkv = self.qkv(x)
         scales = [t.unflatten(1, (r, -1)) for t in (qkv, *(op(qkv) for op in self.aggreg))]
         qkv = torch.cat(scales, dim=2).flatten(1, 2)  # the teacher's replicas concatenate their own scales
@@ -404,16 +395,11 @@ class WideCosineWindowAttention(WideModule):
         self.register_buffer("relative_coords_table", m.relative_coords_table.clone(), persistent=False)
         self.register_buffer("relative_position_index", m.relative_position_index.clone(), persistent=False)
 
-    def _tensors(self, teacher: bool) -> list[Tensor | None]:
-        names = ("logit_scale", "q_bias", "v_bias")
-        return self.teacher_tensors(*names) if teacher else [self.student_tensor(n) for n in names]
-
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        teacher = current_mode() == TEACHER
-        r = self.width_ratio if teacher else 1
+        r = replicas(self.width_ratio)
         batch, tokens, _ = x.shape
         heads = self.num_heads * r
-        logit_scale, q_bias, v_bias = self._tensors(teacher)
+        logit_scale, q_bias, v_bias = self.mode_tensors("logit_scale", "q_bias", "v_bias")
         qkv = self.qkv(x)
         if q_bias is not None:
             qkv = qkv + torch.cat((q_bias, torch.zeros_like(q_bias), v_bias))

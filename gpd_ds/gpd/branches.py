@@ -154,7 +154,7 @@ class WideBranchConv2d(WideConv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         mode = current_mode()
-        (bias,) = self.teacher_tensors("bias") if mode == TEACHER else (self.student_tensor("bias"),)
+        (bias,) = self.mode_tensors("bias")
         return self.conv(x, self.branch_kernel(mode), bias, mode)
 
     def student_state(self) -> dict[str, Tensor]:

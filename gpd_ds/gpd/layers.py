@@ -79,6 +79,11 @@ def current_mode() -> str:
     return mode
 
 
+def replicas(width_ratio: int) -> int:
+    """How many replicas the current mode's activations hold: ``r`` in teacher mode, 1 in student mode."""
+    return width_ratio if current_mode() == TEACHER else 1
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """How one wide tensor relates to the student's tensor.
@@ -247,6 +252,12 @@ class WideModule(nn.Module):
             return None
         paired = None if _STATE.pairs is None else _STATE.pairs.pop((self, name), None)
         return paired if paired is not None else self.slices[name].value(wide)
+
+    def mode_tensors(self, *names: str) -> list[Tensor | None]:
+        """The values of wide tensors in the current mode: :meth:`teacher_tensors` or :meth:`student_tensor`."""
+        if current_mode() == TEACHER:
+            return self.teacher_tensors(*names)
+        return [self.student_tensor(name) for name in names]
 
     @torch.no_grad()
     def add_noise(self, std: float) -> None:
@@ -619,8 +630,7 @@ class WideAffine(WideModule):
         self.register_wide("bias", block.bias, TensorSpec((), scaled=True, noisy=False))
 
     def forward(self, x: Tensor) -> Tensor:
-        scale, bias = (self.teacher_tensors("scale", "bias") if current_mode() == TEACHER
-                       else (self.student_tensor("scale"), self.student_tensor("bias")))
+        scale, bias = self.mode_tensors("scale", "bias")
         return scale * x + bias
 
 
@@ -657,7 +667,7 @@ class WideScale(WideModule):
 
     def forward(self, x: Tensor) -> Tensor:
         name = self.name
-        (gamma,) = self.teacher_tensors(name) if current_mode() == TEACHER else (self.student_tensor(name),)
+        (gamma,) = self.mode_tensors(name)
         if self.channels_first:
             gamma = gamma.view(1, -1, 1, 1)
         return x.mul_(gamma) if self.inplace else x * gamma
