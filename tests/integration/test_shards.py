@@ -567,6 +567,16 @@ def _slow_start(real: Callable[[], None]) -> Callable[[], None]:
     return start
 
 
+def _exit_code(worker, timeout: float) -> int | None:
+    """A pool worker's exit code, or None if it is still alive after `timeout`. Not `join` then `exitcode`: the
+    pool's own handler thread wakes on the same death and reaps the worker; whichever waitpid loses gets ECHILD
+    and reads None until the winner has stored the status."""
+    deadline = time.monotonic() + timeout
+    while worker.exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return worker.exitcode
+
+
 def test_a_sigterm_that_comes_before_a_workers_initializer_still_kills_it(monkeypatch) -> None:
     """The inherited record-only handler is live from the fork until the initializer resets it; a SIGTERM in that
     window (Pool.terminate right after a short map) must not be swallowed, or the worker outlives terminate and
@@ -583,9 +593,7 @@ def test_a_sigterm_that_comes_before_a_workers_initializer_still_kills_it(monkey
         try:
             for p in workers:
                 os.kill(p.pid, signal.SIGTERM)  # before their initializers have run
-            for p in workers:
-                p.join(timeout=20)
-            assert [p.exitcode for p in workers] == [-signal.SIGTERM] * len(workers)
+            assert [_exit_code(p, timeout=20) for p in workers] == [-signal.SIGTERM] * len(workers)
         finally:
             # close, not terminate: the workers still alive (the failure this test looks for) take the close
             # sentinel and exit; terminate would hang on them
