@@ -3,8 +3,8 @@
 One source of truth for everything except DeepSpeed's own keys (batch sizes, clipping, precision, ZeRO), which
 live in the ds_config JSON (see :mod:`gpd_ds.engine`). The two mirrored values, ``optim.global_batch_size`` and
 ``optim.grad_clip``, are the recipe's values: they fill the ds_config where it is silent and must agree with it
-where it is not. :meth:`TrainConfig.validate` checks every field (type, range, the rules between fields, model
-names) before any work.
+where it is not. :meth:`TrainConfig.validate` checks every field (type, range, the rules between fields) before
+any import of torch; :func:`gpd_ds.preflight.preflight` then checks what needs torch and timm (model names).
 """
 
 from __future__ import annotations
@@ -22,15 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpd_ds.errors import UserInputError
+from gpd_ds.registry import KD_LOSSES
 
 # This module imports neither torch nor timm (the checks that need them import them when they run): the recipes and
 # `gpd-ds train --help` read it in a fraction of a second.
 
 TORCHVISION_PREFIX = "torchvision:"
-KD_KINDS = ("dkd", "kl", "none")  # the logit term psi of the GPD loss
 FEATURE_KINDS = ("reviewkd", "none")
-# loss.kd: a logit term, feature distillation, or both
-KD_CHOICES = ("dkd", "kl", "reviewkd", "dkd+reviewkd", "kl+reviewkd", "none")
 DYNAMIC_LOSSES = ("sce", "ce", "mse", "l1")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,6 +37,31 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class ConfigError(UserInputError, ValueError):
     """A configuration value cannot be used (names the key, the value and the fix)."""
+
+
+def split_kd(kd: str) -> tuple[str, str] | None:
+    """``loss.kd`` as (logit term, feature term): ``dkd`` -> (dkd, none), ``dkd+reviewkd`` -> (dkd, reviewkd),
+    ``reviewkd`` -> (none, reviewkd), ``none`` -> (none, none); None if it names no registered KD loss
+    (:data:`gpd_ds.registry.KD_LOSSES`)."""
+    logit, plus, feature = kd.partition("+")
+    if not plus and logit == "reviewkd":
+        return "none", "reviewkd"
+    if plus and feature != "reviewkd":
+        return None
+    if logit in KD_LOSSES or (logit == "none" and not plus):
+        return logit, feature or "none"
+    return None
+
+
+def kd_choices() -> tuple[str, ...]:
+    """Every value loss.kd takes: each registered KD loss, reviewkd, each joined with reviewkd, none."""
+    names = KD_LOSSES.names()
+    return (*names, "reviewkd", *(f"{n}+reviewkd" for n in names), "none")
+
+
+def _kd_fix() -> str:
+    return (f"use one of {', '.join(kd_choices())} (a KD loss of your own: register it in "
+            "gpd_ds.registry.KD_LOSSES)")
 
 
 @dataclass
@@ -202,9 +225,10 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def validate(self) -> TrainConfig:
-        """Check every field (type, then range), the fields that depend on each other, and the model names;
-        raises :class:`ConfigError` naming the key, the value and the fix. Builds nothing but a meta-device trial of
-        the student when ``model.student_kwargs`` is set."""
+        """Check every field (type, then range) and the fields that depend on each other; raises
+        :class:`ConfigError` naming the key, the value and the fix. Instant, with no torch or timm import: the
+        command line runs it first. The checks that need them (model names, the student's keyword arguments, the
+        auto-augment policy) are :func:`gpd_ds.preflight.preflight`'s."""
         fields = list(_leaf_fields(self))
         for key, value, hint in fields:
             if not _fits(value, hint):
@@ -213,15 +237,14 @@ class TrainConfig:
         rows = [(check(values[key]), key, values[key], fix) for key, check, fix in _RULES]
         for ok, key, value, fix in [*rows, *_cross_field_rows(self)]:
             if not ok:
-                raise ConfigError(f"{key}={value!r} is invalid: {fix}")
-        _check_models(self)
-        _check_auto_augment(self)
+                raise ConfigError(f"{key}={value!r} is invalid: {fix() if callable(fix) else fix}")
         return self
 
 
 # --- validation ------------------------------------------------------------------------------------------------
 # TrainConfig.validate checks each field's type from the dataclass hints (_fits), then its range (_RULES, one row
-# per non-bool field), then the rules that tie fields together (_cross_field_rows), then the names of the models.
+# per non-bool field), then the rules that tie fields together (_cross_field_rows). gpd_ds.preflight adds the checks
+# that need torch and timm.
 
 
 def _leaf_fields(section: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
@@ -370,7 +393,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.augment.cutmix", _at_least(0), "use an alpha >= 0 (0: off; DeiT: 1.0)"),
     ("data.augment.mixup_switch_prob", _PROBABILITY, "use a probability in [0, 1]"),
     ("data.augment.label_smoothing", _FRACTION, "use a value in [0, 1) (DeiT: 0.1)"),
-    ("loss.kd", _one_of(*KD_CHOICES), f"use one of {', '.join(KD_CHOICES)}"),
+    ("loss.kd", lambda v: split_kd(v) is not None, lambda: _kd_fix()),
     ("loss.kd_warmup_epochs", _at_least(0), "use 0 (no warm-up) or more epochs, e.g. 20"),
     ("loss.dynamic_loss", _one_of(*DYNAMIC_LOSSES), f"use one of {', '.join(DYNAMIC_LOSSES)}"),
     ("loss.reviewkd_weight", _WEIGHT, "use a weight >= 0 (1.0 in the reference)"),
@@ -455,45 +478,10 @@ def _cross_field_rows(cfg: TrainConfig) -> list[tuple[bool, str, Any, str]]:
     ]
 
 
-def _check_models(cfg: TrainConfig) -> None:
-    """Unknown model names, from the registries; ``student_kwargs`` its constructor rejects, from a trial build on
-    the meta device (no memory, no weights; a fraction of a second for a ViT), so the mistake shows before the
-    data is scanned rather than after."""
-    import torch
-
-    from gpd_ds.models import create_model, unknown_model
-
-    m = cfg.model
-    for key, name in (("model.student", m.student), ("model.static_teacher", m.static_teacher)):
-        problem = None if name is None else unknown_model(name)
-        if problem is not None:
-            raise ConfigError(f"{key}={name!r} is invalid: {problem}")
-    if m.student_kwargs:
-        try:
-            with torch.device("meta"):
-                create_model(m.student, num_classes=1000, image_size=cfg.data.image_size, **m.student_kwargs)
-        except TypeError as e:
-            raise student_kwargs_error(m, e) from e
-
-
 def student_kwargs_error(m: ModelConfig, error: TypeError) -> ConfigError:
     """The error for ``model.student_kwargs`` the student's constructor refused with ``error``."""
     return ConfigError(f"model.student_kwargs={m.student_kwargs!r} is invalid: {m.student}'s constructor refuses "
                        f"them ({error}); fix or drop what it names")
-
-
-def _check_auto_augment(cfg: TrainConfig) -> None:
-    """A policy string timm cannot parse (its parsers assert), found by building the train transform: no data."""
-    if not cfg.data.augment.auto_augment:
-        return
-    from gpd_ds.data.transforms import train_transform
-
-    try:
-        train_transform(cfg.data.image_size, cfg.data.augment, cfg.data.mean)
-    except (AssertionError, ValueError, KeyError) as e:
-        raise ConfigError(f"data.augment.auto_augment={cfg.data.augment.auto_augment!r} is invalid: timm cannot "
-                          f"read it ({e or type(e).__name__}); use e.g. rand-m9-mstd0.5-inc1 (DeiT), augmix-m5 or "
-                          "original") from e
 
 
 def _section_fields(obj: Any) -> dict[str, dataclasses.Field]:

@@ -76,15 +76,16 @@ def run_weights(run_dir: Path, which: str) -> tuple[dict[str, torch.Tensor], dic
     states = load_file(path)  # weights-only: a run directory from elsewhere is untrusted input
     client_step = states.get("step", states.get("global_steps"))
     if which == "last_ema":
-        if states.get("ema_shapes"):  # ZeRO-3: every rank saved its partitions of the EMA
+        ema = _ema_state(states)
+        if ema.get("shapes"):  # ZeRO-3: every rank saved its partitions of the EMA
             from gpd_ds.checkpoint import read_rank_tensors
             from gpd_ds.ema import consolidate
 
-            shapes = {k: torch.Size(v) for k, v in states["ema_shapes"].items()}
+            shapes = {k: torch.Size(v) for k, v in ema["shapes"].items()}
             return consolidate(read_rank_tensors(found[0]), shapes), {"weights": "ema", "step": client_step}
-        if not states.get("ema"):
+        if not ema.get("whole"):
             raise ExportError(f"{found[0]} holds no EMA weights (optim.ema_decay was off)")
-        return states["ema"], {"weights": "ema", "step": client_step}
+        return ema["whole"], {"weights": "ema", "step": client_step}
     module = states["module"]
     if any(v.numel() == 0 for v in module.values()):
         # ZeRO-3 saved partitioned parameters: consolidate them from every rank's fp32 optimizer partition
@@ -95,6 +96,14 @@ def run_weights(run_dir: Path, which: str) -> tuple[dict[str, torch.Tensor], dic
         with safe_loading():
             module = get_fp32_state_dict_from_zero_checkpoint(str(found[0].parent), tag=found[0].name)
     return module, {"weights": "raw", "step": client_step}
+
+
+def _ema_state(states: dict) -> dict:
+    """The EMA entry of a checkpoint's client state (gpd_ds.train.state): {"whole": tensors or None, "shapes": full
+    shapes of a partitioned EMA or None}; 0.2.x wrote them as the top-level keys ema and ema_shapes."""
+    if "state" in states:
+        return states["state"].get("ema") or {}
+    return {"whole": states.get("ema"), "shapes": states.get("ema_shapes")}
 
 
 def rebuild(record: dict) -> tuple[TrainConfig, nn.Module]:

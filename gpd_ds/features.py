@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from gpd_ds.errors import UserInputError
-from gpd_ds.gpd.layers import _STATE, STUDENT
+from gpd_ds.gpd.mode import STUDENT, active_mode
 from gpd_ds.models.mobilenet import MobileNetV1ReLU
 from gpd_ds.reviewkd import ReviewKDConnector
 
@@ -77,7 +77,7 @@ def recording(net: nn.Module, taps: Sequence[Tap]) -> Iterator[dict[str, list[Te
     features: dict[str, list[Tensor]] = {}
 
     def keep(t: Tensor) -> None:
-        features.setdefault(_STATE.current or STUDENT, []).append(t.clone() if t.ndim > 2 else t[:, :, None, None])
+        features.setdefault(active_mode() or STUDENT, []).append(t.clone() if t.ndim > 2 else t[:, :, None, None])
 
     handles = []
     for tap in taps:

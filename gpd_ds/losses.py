@@ -13,21 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpd_ds.config import DYNAMIC_LOSSES, FEATURE_KINDS, KD_CHOICES, KD_KINDS
+from gpd_ds.config import DYNAMIC_LOSSES, FEATURE_KINDS, LossConfig, split_kd
+from gpd_ds.registry import KD_LOSSES
 from gpd_ds.reviewkd import hcl
 
 Logits = Tensor | tuple[Tensor, Tensor]  # a DeiT distilled model in distilled training: (class, distillation) heads
 
-
-
-def split_kd(kd: str) -> tuple[str, str]:
-    """``loss.kd`` as (logit term, feature term): ``dkd+reviewkd`` -> (dkd, reviewkd), ``reviewkd`` -> (none,
-    reviewkd)."""
-    if kd not in KD_CHOICES:
-        raise ValueError(f"loss.kd={kd!r} is unknown; use one of {KD_CHOICES}")
-    parts = kd.split("+")
-    logit = next((p for p in parts if p in ("dkd", "kl")), "none")
-    return logit, "reviewkd" if "reviewkd" in parts else "none"
 
 
 def _hard(target: Tensor) -> Tensor:
@@ -78,6 +69,17 @@ def dkd(logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: float = 1
     return (alpha * tckd + beta * nckd) * t * t / s.shape[0]
 
 
+def dkd_loss(logits: Tensor, static_logits: Tensor, target: Tensor, params: GPDLoss) -> Tensor:
+    """loss.kd=dkd (registered in :data:`gpd_ds.registry.KD_LOSSES`): :func:`dkd` with loss.dkd_alpha,
+    loss.dkd_beta and loss.temperature."""
+    return dkd(logits, static_logits, target, params.dkd_alpha, params.dkd_beta, params.temperature)
+
+
+def kl_loss(logits: Tensor, static_logits: Tensor, target: Tensor, params: GPDLoss) -> Tensor:
+    """loss.kd=kl (registered in :data:`gpd_ds.registry.KD_LOSSES`): :func:`kl_kd` at loss.temperature."""
+    return kl_kd(logits, static_logits, params.temperature)
+
+
 def _log_binary(x: Tensor, gt: Tensor) -> Tensor:
     """``log [p_target, 1 - p_target]`` of ``softmax(x)``, both from log-sum-exps. ``1 - p_target`` in fp32 cancels
     once the target dominates (a margin of ~17 at K = 1000) and is 0 from ~25 on: the loss, and the gradient at the
@@ -126,11 +128,12 @@ class GPDLoss:
           + w * feature_weight * [HCL(A_T(F_T), F_static) + HCL(A_S(F_S), F_static)]   (feature distillation)
           + dynamic_weight * SCE(z_S, softmax(sg(z_T)))
 
-    ``psi`` is DKD (default), Hinton KL, or nothing; the feature term is ReviewKD's HCL of the connector outputs
-    or nothing; ``w`` is the warm-up factor (``kd_scale``, 1 without warm-up). ``kd_dynamic_teacher=False`` drops
-    the dynamic teacher's static-teacher terms (the reference's ``--deactive_kd_static_teacher``). Terms are
-    returned by name, unweighted: ``ce_student``, ``ce_dynamic_teacher``, ``kd_static_to_student``,
-    ``kd_static_to_dynamic_teacher``, ``reviewkd_static_to_student``, ``reviewkd_static_to_dynamic_teacher``,
+    ``psi`` is a registered KD loss (:data:`gpd_ds.registry.KD_LOSSES`: DKD by default, Hinton KL) or nothing;
+    the feature term is ReviewKD's HCL of the connector outputs or nothing; ``w`` is the warm-up factor
+    (``kd_scale``, 1 without warm-up). ``kd_dynamic_teacher=False`` drops the dynamic teacher's static-teacher
+    terms (the reference's ``--deactive_kd_static_teacher``). Terms are returned by name, unweighted:
+    ``ce_student``, ``ce_dynamic_teacher``, ``kd_static_to_student``, ``kd_static_to_dynamic_teacher``,
+    ``reviewkd_static_to_student``, ``reviewkd_static_to_dynamic_teacher``,
     ``sce_dynamic_to_student`` (named after ``dynamic_loss``); the weighted sum is ``total``.
     """
 
@@ -148,8 +151,8 @@ class GPDLoss:
     feature_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kd not in KD_KINDS:
-            raise ValueError(f"GPDLoss kd={self.kd!r} is unknown; use one of {KD_KINDS}")
+        if self.kd != "none" and self.kd not in KD_LOSSES:
+            raise ValueError(f"GPDLoss kd={self.kd!r} is unknown; {KD_LOSSES.choices(('none',))}")
         if self.features not in FEATURE_KINDS:
             raise ValueError(f"GPDLoss features={self.features!r} is unknown; use one of {FEATURE_KINDS}")
         if self.dynamic_loss not in DYNAMIC_LOSSES:
@@ -159,10 +162,18 @@ class GPDLoss:
         if not self.temperature > 0:
             raise ValueError(f"GPDLoss temperature={self.temperature!r} must be > 0")
 
+    @classmethod
+    def from_config(cls, c: LossConfig) -> GPDLoss:
+        """The run's objective from its ``loss`` section."""
+        kd, features = split_kd(c.kd) or (c.kd, "none")  # an unknown name is refused by __post_init__
+        return cls(ce_weight=c.ce_weight, kd_weight=c.kd_weight, dynamic_weight=c.dynamic_weight,
+                   smoothing=c.smoothing, kd=kd, dkd_alpha=c.dkd_alpha, dkd_beta=c.dkd_beta,
+                   temperature=c.temperature, dynamic_loss=c.dynamic_loss, kd_dynamic_teacher=c.kd_dynamic_teacher,
+                   features=features, feature_weight=c.reviewkd_weight)
+
     def static_kd(self, logits: Tensor, static_logits: Tensor, target: Tensor) -> Tensor:
-        if self.kd == "dkd":
-            return dkd(logits, static_logits, target, self.dkd_alpha, self.dkd_beta, self.temperature)
-        return kl_kd(logits, static_logits, self.temperature)
+        """psi(logits; static_logits): the registered KD loss ``kd``."""
+        return KD_LOSSES.get(self.kd)(logits, static_logits, target, self)
 
     def _static_terms(self, who: str, logits: Tensor, connected: list[Tensor] | None, static_logits: Tensor | None,
                       static_features: list[Tensor] | None, target: Tensor, terms: dict[str, Tensor],

@@ -1,19 +1,27 @@
-"""The arguments of ``gpd-ds train`` and ``launch/train.py``, parsed before torch, DeepSpeed or timm are imported:
-``--help``, the recipe list and argument errors are instant; training imports them after the parse."""
+"""The arguments of ``gpd-ds train`` and ``launch/train.py``, parsed and checked before torch, DeepSpeed or timm are
+imported: ``--help``, the recipe list, a typo in a recipe name or a ``--set`` key, a bad value and a bad ds_config
+answer in a fraction of a second; training (:func:`gpd_ds.train.entry.run`) imports them after the checks."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import logging
 import os
+import sys
 import warnings
 
-from gpd_ds.recipes import describe
+from gpd_ds.config import ConfigError, TrainConfig, apply_overrides, kd_choices
+from gpd_ds.ds_config import load_ds_config
+from gpd_ds.errors import UserInputError
+from gpd_ds.recipes import describe, get_recipe
 
 
 def _recipes_epilog() -> str:
     lines = ["recipes (gpd-ds recipes shows teachers, epochs and the paper's numbers):"]
     lines += [f"  {r['recipe']:36} {r['scenario']}: {r['student']} <- {r['static teacher']}" for r in describe()]
+    lines += ["", f"loss.kd (KD losses, gpd_ds.registry.KD_LOSSES): {', '.join(kd_choices())}"]
     return "\n".join(lines)
 
 
@@ -31,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="with --resume none: delete the run directory's "
                         "old checkpoints, best weights and metrics.jsonl, then start from step 0")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                        help="import MODULE (on the Python path) first, so that what it registers (a KD loss in "
+                        "gpd_ds.registry.KD_LOSSES, a recipe) can be named; repeatable")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     # DeepSpeed's own two config arguments (what deepspeed.add_config_arguments adds), declared here so that the
     # parse needs no DeepSpeed import
@@ -57,9 +68,40 @@ def quiet_ranks() -> None:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
+def check_args(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
+    """The config (recipe, ``--set`` overrides, every value) and the ds_config, checked without torch; raises a
+    :class:`~gpd_ds.errors.UserInputError` naming what to fix."""
+    if args.plugins and os.getcwd() not in sys.path:  # find a plugin in the working directory, as `python -m` does
+        sys.path.insert(0, os.getcwd())
+    for module in args.plugins:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"--plugin {module!r} cannot be imported ({e}); name a module on the Python path, "
+                              "e.g. my_losses for my_losses.py in the working directory") from e
+    cfg = apply_overrides(get_recipe(args.recipe), args.overrides).validate()
+    if args.print_config:
+        return cfg, {}
+    if args.overwrite and args.resume != "none":
+        raise ConfigError(f"--overwrite deletes the run directory's checkpoints and only goes with --resume none "
+                          f"(this command has --resume {args.resume})")
+    if cfg.data.root is None and cfg.recipe not in ("demo", "demo_teacher"):
+        raise ConfigError(f"recipe {cfg.recipe!r} needs data: --set data.root=/path/to/shards (write them with "
+                          "`gpd-ds make-shards`); only the demo recipes run on the built-in demo data")
+    return cfg, load_ds_config(args.deepspeed_config)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        cfg, ds_config = check_args(args)
+    except UserInputError as e:
+        print(f"gpd-ds train: error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=1, default=str))
+        return 0
     quiet_ranks()
-    from gpd_ds.train import run
+    from gpd_ds.train.entry import run
 
-    return run(args)
+    return run(args, cfg, ds_config)

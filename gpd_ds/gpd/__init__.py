@@ -2,7 +2,7 @@
 
 from gpd_ds.gpd.expand import IRCheckError, UnsupportedModelError, check_ir, expand, supported_modules
 from gpd_ds.gpd.extract import ExtractionError, check_equivalence, extract, student_state_dict
-from gpd_ds.gpd.layers import MODES, STUDENT, TEACHER
+from gpd_ds.gpd.mode import MODES, STUDENT, TEACHER
 from gpd_ds.gpd.model import BOTH, GPDModel, GPDOutput
 
 __all__ = [

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpd_ds.gpd.layers import TensorSpec, WideLinear, WideModule, replicas
+from gpd_ds.gpd.layers import TensorSpec, WideLinear, WideModule
+from gpd_ds.gpd.mode import replicas
 from gpd_ds.models.rvt import masked_attention
 
 

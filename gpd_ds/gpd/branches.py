@@ -33,7 +33,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from gpd_ds.gpd.layers import TEACHER, TensorSpec, WideConv2d, WideModule, current_mode
+from gpd_ds.gpd.layers import TensorSpec, WideConv2d, WideModule
+from gpd_ds.gpd.mode import TEACHER, current_mode
 
 DW_MULTIPLIER = 8
 NUM_BRANCHES = 6

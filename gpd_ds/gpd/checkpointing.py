@@ -2,7 +2,7 @@
 
 The GPD step keeps the activations of both modes alive until the single backward (the dynamic teacher's are ~2x the
 student's per layer), so checkpointing is the main memory lever for large students. The recomputation must run
-in the GPD mode the block originally ran in: the mode is a scoped setting (:func:`~gpd_ds.gpd.layers.mode_scope`)
+in the GPD mode the block originally ran in: the mode is a scoped setting (:func:`~gpd_ds.gpd.mode.mode_scope`)
 that is no longer active when backward runs, so the checkpoint re-enters it (``context_fn``). Non-reentrant
 checkpointing, with the RNG state restored (drop-path recomputes the same mask).
 """
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gpd_ds.gpd.layers import _STATE, mode_scope
+from gpd_ds.gpd.mode import active_mode, mode_scope
 
 # residual / transformer blocks of the supported families (timm and torchvision), by class name
 BLOCK_CLASSES = ("BasicBlock", "Bottleneck", "Block", "InvertedResidual", "DepthwiseSeparableConv",
@@ -30,7 +30,7 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     forward = functools.partial(type(self).forward, self)
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
-    mode = _STATE.current
+    mode = active_mode()
 
     def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         return contextlib.nullcontext(), (mode_scope(mode) if mode else contextlib.nullcontext())

@@ -48,10 +48,15 @@ from gpd_ds.gpd.attention import (
     WideWindowAttention,
 )
 from gpd_ds.gpd.branches import WideBranchConv2d, is_eligible
-from gpd_ds.gpd.functional import ChannelOps, ModuleStack, StudentTrace, first_disagreement, trace_student
+from gpd_ds.gpd.functional import (
+    ChannelOps,
+    ModuleStack,
+    StudentTrace,
+    UnsupportedModelError,
+    first_disagreement,
+    trace_student,
+)
 from gpd_ds.gpd.layers import (
-    STUDENT,
-    TEACHER,
     StudentView,
     TensorSpec,
     WideActivation,
@@ -71,12 +76,9 @@ from gpd_ds.gpd.layers import (
     narrow,
     widen,
 )
+from gpd_ds.gpd.mode import STUDENT, TEACHER
 from gpd_ds.gpd.model import GPDModel
 from gpd_ds.models import rvt
-
-
-class UnsupportedModelError(UserInputError, ValueError):
-    """The student contains a module IR has no rule for."""
 
 
 class IRCheckError(RuntimeError):

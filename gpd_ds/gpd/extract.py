@@ -7,7 +7,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from gpd_ds.gpd.layers import STUDENT, WideModule
+from gpd_ds.gpd.layers import WideModule
+from gpd_ds.gpd.mode import STUDENT
 from gpd_ds.gpd.model import GPDModel
 
 

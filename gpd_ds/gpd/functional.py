@@ -20,7 +20,12 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from gpd_ds.gpd.layers import STUDENT, TEACHER, current_mode, mode_scope
+from gpd_ds.errors import UserInputError
+from gpd_ds.gpd.mode import STUDENT, TEACHER, current_mode, mode_scope
+
+
+class UnsupportedModelError(UserInputError, ValueError):
+    """The student contains a module or an operation IR has no rule for (raised while expanding or tracing it)."""
 
 # The channel ops, by the function object a TorchFunctionMode sees: torch.split is a Python function, x.split a
 # Tensor method, x.chunk / torch.cat C functions.
@@ -268,8 +273,6 @@ class ChannelOps:
 
     def decide(self, key: tuple[str, str, int, int], module: nn.Module, tensors: list[Tensor], kind: str,
                dim: int) -> None:
-        from gpd_ds.gpd.expand import UnsupportedModelError  # expand imports this module
-
         teacher = [t.shape[dim] for t in tensors]
         student = self.student_sites.get(key)
         where = f"module '{key[0] or '<root>'}' ({type(module).__module__}.{type(module).__qualname__})"

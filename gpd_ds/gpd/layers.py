@@ -9,13 +9,11 @@ Every layer here holds the dynamic teacher's (wide) tensors and runs in one of t
 Channel layout is replica-major: student channel ``c`` of replica ``p`` sits at ``p * C + c``.
 
 The mode is set by :meth:`gpd_ds.gpd.model.GPDModel.forward` for the duration of one call
-(:func:`mode_scope`); calling a wide layer outside that scope is an error, never a silent default.
+(:func:`gpd_ds.gpd.mode.mode_scope`); calling a wide layer outside that scope is an error, never a silent default.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -23,65 +21,7 @@ import torch.nn.functional as F
 from timm.layers.padding import pad_same
 from torch import Tensor, nn
 
-STUDENT = "student"
-TEACHER = "teacher"
-MODES = (STUDENT, TEACHER)
-
-
-class _ModeState:
-    def __init__(self) -> None:
-        self.current: str | None = None
-        # Inside a pair call (pair_scope): the student views taken in the teacher pass, by (layer, tensor name).
-        self.pairs: dict[tuple[nn.Module, str], Tensor] | None = None
-
-
-_STATE = _ModeState()
-
-
-@contextlib.contextmanager
-def mode_scope(mode: str) -> Iterator[None]:
-    """Run the wide layers in ``mode`` inside this block (restored on exit, also on error)."""
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not a GPD mode; use one of {MODES}")
-    previous = _STATE.current
-    _STATE.current = mode
-    try:
-        yield
-    finally:
-        _STATE.current = previous
-
-
-@contextlib.contextmanager
-def pair_scope(enabled: bool = True) -> Iterator[None]:
-    """One teacher pass followed by one student pass over the same wide parameters (``GPDModel`` ``mode="both"``).
-
-    Inside it, the teacher pass takes each wide parameter's teacher and student values from one autograd node
-    (:class:`_PairViews`) and keeps the student value for the student pass. The backward then sums the student's
-    gradient into the slice of the teacher's in place, instead of building a zero-padded wide gradient per tensor
-    and adding it to the teacher's (four kernels and three wide-tensor passes per tensor, which made the GPD step
-    host- and bandwidth-bound on small students). The numbers are the same as without it.
-    """
-    previous = _STATE.pairs
-    _STATE.pairs = {} if enabled and torch.is_grad_enabled() and not torch.compiler.is_compiling() else None
-    try:
-        yield
-    finally:
-        _STATE.pairs = previous
-
-
-def current_mode() -> str:
-    mode = _STATE.current
-    if mode is None:
-        raise RuntimeError(
-            "a GPD wide layer was called outside GPDModel.forward(x, mode=...); call the GPDModel, "
-            "not its inner network, so that the mode is explicit"
-        )
-    return mode
-
-
-def replicas(width_ratio: int) -> int:
-    """How many replicas the current mode's activations hold: ``r`` in teacher mode, 1 in student mode."""
-    return width_ratio if current_mode() == TEACHER else 1
+from gpd_ds.gpd.mode import STUDENT, TEACHER, current_mode, paired_views
 
 
 @dataclass(frozen=True)
@@ -233,7 +173,7 @@ class WideModule(nn.Module):
         """The teacher's values of wide tensors (the tensors themselves). In a pair call the student's values are
         taken from the same autograd node (one per layer) and kept for the student pass."""
         wides = [getattr(self, name) for name in names]
-        pairs = _STATE.pairs
+        pairs = paired_views()
         if pairs is None:
             return wides
         paired = [i for i, w in enumerate(wides) if w is not None and w.requires_grad]
@@ -250,7 +190,8 @@ class WideModule(nn.Module):
         wide = getattr(self, name)
         if wide is None:
             return None
-        paired = None if _STATE.pairs is None else _STATE.pairs.pop((self, name), None)
+        pairs = paired_views()
+        paired = None if pairs is None else pairs.pop((self, name), None)
         return paired if paired is not None else self.slices[name].value(wide)
 
     def mode_tensors(self, *names: str) -> list[Tensor | None]:

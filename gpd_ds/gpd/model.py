@@ -9,16 +9,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from gpd_ds.gpd.layers import (
-    STUDENT,
-    TEACHER,
-    TensorSpec,
-    WideModule,
-    _grouped,
-    mode_scope,
-    pair_scope,
-    student_view,
-)
+from gpd_ds.gpd.layers import TensorSpec, WideModule, _grouped, student_view
+from gpd_ds.gpd.mode import STUDENT, TEACHER, mode_scope, pair_scope
 
 BOTH = "both"
 

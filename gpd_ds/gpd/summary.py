@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from gpd_ds.gpd.layers import STUDENT, TEACHER
+from gpd_ds.gpd.mode import STUDENT, TEACHER
 from gpd_ds.gpd.model import GPDModel
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from gpd_ds.gpd.layers import STUDENT, TEACHER
+from gpd_ds.gpd.mode import STUDENT, TEACHER
 from gpd_ds.gpd.model import BOTH, GPDOutput
 
 

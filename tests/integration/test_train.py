@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from gpd_ds.cli import main as cli_main
 from gpd_ds.export import rebuild, run_record, run_weights
-from gpd_ds.train import main as train_main
+from gpd_ds.train_cli import main as train_main
 from tests.integration.launch_helpers import (
     NUM_CLASSES,
     REPO,

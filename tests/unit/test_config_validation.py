@@ -15,17 +15,18 @@ from pathlib import Path
 import pytest
 
 from gpd_ds.config import _RULES, ConfigError, TrainConfig, _all_keys, apply_overrides
-from gpd_ds.engine import (
+from gpd_ds.ds_config import (
     _AUTOCAST_DTYPES,
     _DS_BLOCK_KEYS,
     DS_CONFIG_KEYS,
     DS_REMOVED_KEYS,
-    autocast_dtype,
     check_ds_config,
     load_ds_config,
 )
+from gpd_ds.engine import autocast_dtype
 from gpd_ds.errors import UserInputError
 from gpd_ds.models import create_model
+from gpd_ds.preflight import preflight
 from gpd_ds.recipes import RECIPES, get_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +34,7 @@ SHIPPED = sorted((REPO / "ds_configs").glob("*.json"))
 
 
 def _validate(*overrides: str) -> TrainConfig:
-    return apply_overrides(get_recipe("demo"), list(overrides)).validate()
+    return preflight(apply_overrides(get_recipe("demo"), list(overrides)))
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -172,7 +173,7 @@ def test_fields_that_depend_on_each_other(overrides: list[str], message: str, tm
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_validates(name: str) -> None:
-    assert get_recipe(name).validate().recipe == name
+    assert preflight(get_recipe(name)).recipe == name
 
 
 @pytest.mark.parametrize("override", [

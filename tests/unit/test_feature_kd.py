@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpd_ds.config import ConfigError, TrainConfig, apply_overrides
+from gpd_ds.config import ConfigError, TrainConfig, apply_overrides, split_kd
 from gpd_ds.features import FeatureTapError, StudentWithConnector, build_connectors, feature_taps, recording
 from gpd_ds.gpd import expand, extract
 from gpd_ds.gpd.checkpointing import enable_activation_checkpointing
-from gpd_ds.losses import Features, GPDLoss, split_kd
+from gpd_ds.losses import Features, GPDLoss
 from gpd_ds.models import create_model
 from gpd_ds.models.build import build_model
 from gpd_ds.recipes import get_recipe
-from gpd_ds.train import build_loss, kd_warmup
+from gpd_ds.train.step import kd_warmup
 
 NUM_CLASSES = 10
 
@@ -233,7 +233,7 @@ def test_reviewkd_needs_a_static_teacher() -> None:
                                            ("none", ("none", "none"))])
 def test_loss_kd_names_the_logit_and_the_feature_term(kd: str, split: tuple[str, str]) -> None:
     assert split_kd(kd) == split
-    loss = build_loss(apply_overrides(get_recipe("demo"), [f"loss.kd={kd}"]))
+    loss = GPDLoss.from_config(apply_overrides(get_recipe("demo"), [f"loss.kd={kd}"]).loss)
     assert (loss.kd, loss.features) == split
 
 
@@ -255,8 +255,8 @@ def test_switches_of_the_reference() -> None:
     kd = full.terms["kd_static_to_student"] + full.terms["kd_static_to_dynamic_teacher"]
     torch.testing.assert_close(half.total, full.total - 0.5 * kd)
     cfg = apply_overrides(get_recipe("demo"), ["loss.kd_warmup_epochs=20"])
-    assert [kd_warmup(cfg, e) for e in (0, 9, 19, 30)] == [1 / 20, 10 / 20, 1.0, 1.0]
-    assert kd_warmup(get_recipe("demo"), 0) == 1.0
+    assert [kd_warmup(cfg.loss, e) for e in (0, 9, 19, 30)] == [1 / 20, 10 / 20, 1.0, 1.0]
+    assert kd_warmup(get_recipe("demo").loss, 0) == 1.0
 
 
 @pytest.mark.parametrize(("recipe", "student", "kd", "mid"), [
@@ -268,7 +268,7 @@ def test_paper_recipes_print_their_teacher_mode_student_and_switches(recipe: str
                                                                      capsys: pytest.CaptureFixture) -> None:
     import json
 
-    from gpd_ds.train import main
+    from gpd_ds.train_cli import main
 
     assert main(["--recipe", recipe, "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from gpd_ds.gpd import expand, extract
 from gpd_ds.gpd.branches import WideBranchConv2d
-from gpd_ds.gpd.layers import WideBatchNorm2d, WideConv2d, WideModule, mode_scope, narrow
+from gpd_ds.gpd.layers import WideBatchNorm2d, WideConv2d, WideModule, narrow
+from gpd_ds.gpd.mode import mode_scope
 from gpd_ds.gpd.model import GPDModel
 from gpd_ds.losses import GPDLoss, soft_cross_entropy
 from gpd_ds.models import create_model
@@ -252,23 +253,24 @@ def test_paired_views_give_the_same_gradients_as_separate_views(name: str, branc
 
 
 def test_paired_views_are_off_without_grad_and_leave_no_state() -> None:
-    from gpd_ds.gpd.layers import _STATE
+    from gpd_ds.gpd.mode import paired_views
 
     model = expand(make_student("deit_tiny_patch16_224")).train()
     with torch.no_grad():
         out = model(images("deit_tiny_patch16_224"), mode="both")
     assert out.teacher.grad_fn is None
-    assert _STATE.pairs is None
+    assert paired_views() is None
     out = model(images("deit_tiny_patch16_224"), mode="both")
     assert "_PairViewsBackward" in _graph_node_names(out.student.sum())
-    assert _STATE.pairs is None
+    assert paired_views() is None
 
 
 @pytest.mark.parametrize("act", [torch.nn.ReLU6(), torch.nn.Hardtanh(-0.5, 2.0)])
 def test_teacher_clamp_activation_uses_scaled_bounds_exactly(act: torch.nn.Module) -> None:
     """ReLU6/Hardtanh in teacher mode clamp at bounds / r: the same numbers as act(r x) / r (bitwise for r = 2), with
     no rescaling passes (and the BatchNorm before it not folded)."""
-    from gpd_ds.gpd.layers import TEACHER, WideActivation
+    from gpd_ds.gpd.layers import WideActivation
+    from gpd_ds.gpd.mode import TEACHER
 
     wide = WideActivation(act, width_ratio=2)
     assert wide.clamp
