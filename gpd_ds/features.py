@@ -1,10 +1,10 @@
 """Feature distillation: the features of named stages, read in the forward that produces the logits.
 
 A network's **taps** name where its distillation features are read (ReviewKD's five levels, reviewkd_rvt.md 1.2):
-the input or the output of a module, found by path. :func:`recording` hooks those modules for the length of one
-forward and collects each tap's tensor per GPD mode, so the student view, the dynamic teacher (both passes of
-``mode="both"``) and the static teacher give their features without a second forward. The hooks exist only
-inside that block: evaluation, EMA copies and the recomputation of activation checkpointing (which runs in
+the input or the output of a module, found by path (:mod:`gpd_ds.gpd.taps`). ``recording`` hooks those modules
+for the length of one forward and collects each tap's tensor per GPD mode, so the student view, the dynamic teacher
+(both passes of ``mode="both"``) and the static teacher give their features without a second forward. The hooks
+exist only inside that block: evaluation, EMA copies and the recomputation of activation checkpointing (which runs in
 backward, after the block) see a network without them.
 
 The **connectors** (ReviewKD's ABF chains, :mod:`gpd_ds.reviewkd`) map a network's features to the static
@@ -15,32 +15,21 @@ partitions them, checkpoints and the EMA hold them, and export drops them.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from gpd_ds.errors import UserInputError
-from gpd_ds.gpd.mode import STUDENT, active_mode
+from gpd_ds.gpd.mode import STUDENT
+from gpd_ds.gpd.taps import OUTPUT, Tap, recording
 from gpd_ds.models.mobilenet import MobileNetV1ReLU
 from gpd_ds.reviewkd import ReviewKDConnector
-
-INPUT, OUTPUT = "input", "output"
 
 
 class FeatureTapError(UserInputError, ValueError):
     """A network has no known feature taps (feature distillation cannot read its stages)."""
-
-
-@dataclass(frozen=True)
-class Tap:
-    """A feature read at a module: its first ``input`` (a forward pre-hook) or its ``output``."""
-
-    path: str
-    where: str = INPUT
 
 
 def feature_taps(model: nn.Module, name: str) -> tuple[Tap, ...]:
@@ -67,30 +56,6 @@ def feature_taps(model: nn.Module, name: str) -> tuple[Tap, ...]:
     raise FeatureTapError(f"feature distillation (loss.kd=...reviewkd) has no taps for {name!r} "
                           f"({type(model).__name__}); it supports timm ResNets and MobileNet-v1 "
                           "(mobilenetv1_relu, mobilenetv1_100)")
-
-
-@contextlib.contextmanager
-def recording(net: nn.Module, taps: Sequence[Tap]) -> Iterator[dict[str, list[Tensor]]]:
-    """Within the block, every forward of ``net`` appends its tap tensors to ``features[mode]`` (the GPD mode the
-    forward runs in; ``student`` outside a GPD model). Tensors are cloned (timm's activations are in place and
-    would overwrite a stage output) and 2-D ones (a pooled feature) made ``(B, C, 1, 1)``."""
-    features: dict[str, list[Tensor]] = {}
-
-    def keep(t: Tensor) -> None:
-        features.setdefault(active_mode() or STUDENT, []).append(t.clone() if t.ndim > 2 else t[:, :, None, None])
-
-    handles = []
-    for tap in taps:
-        module = net.get_submodule(tap.path)
-        if tap.where == INPUT:
-            handles.append(module.register_forward_pre_hook(lambda _m, args: keep(args[0])))
-        else:
-            handles.append(module.register_forward_hook(lambda _m, _args, out: keep(out)))
-    try:
-        yield features
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def feature_widths(model: nn.Module, taps: Sequence[Tap], image_size: int) -> list[int]:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from gpd_ds.gpd.layers import TensorSpec, WideModule, _grouped, student_view
 from gpd_ds.gpd.mode import STUDENT, TEACHER, mode_scope, pair_scope
+from gpd_ds.gpd.taps import recording
 
 BOTH = "both"
 
@@ -64,7 +65,7 @@ class GPDModel(nn.Module):
         self.connectors: nn.ModuleDict | None = None
 
     def attach_connectors(self, taps: tuple, connectors: nn.ModuleDict) -> None:
-        """Feature distillation: read ``taps`` (:class:`~gpd_ds.features.Tap`, module paths of the student, which
+        """Feature distillation: read ``taps`` (:class:`~gpd_ds.gpd.taps.Tap`, module paths of the student, which
         the dynamic teacher keeps) and map them through ``connectors["teacher"]`` / ``["student"]``. They become
         part of this module (trained, checkpointed, averaged); :func:`~gpd_ds.gpd.extract` ignores them."""
         self.taps, self.connectors = tuple(taps), connectors
@@ -91,7 +92,6 @@ class GPDModel(nn.Module):
         return self._run(x, mode)
 
     def _run_with_features(self, x: Tensor, mode: str) -> GPDOutput:
-        from gpd_ds.features import recording  # features imports gpd.layers: a top-level import would be circular
 
         if mode != BOTH or self.connectors is None:
             raise ValueError("features=True needs mode='both' and connectors (attach_connectors)")

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from gpd_ds.config import ConfigError, TrainConfig, split_kd, student_kwargs_error
-from gpd_ds.features import StudentWithConnector, Tap, build_connectors
+from gpd_ds.features import StudentWithConnector, build_connectors
 from gpd_ds.gpd import expand
+from gpd_ds.gpd.taps import Tap
 from gpd_ds.models import create_model
 from gpd_ds.models.peer import PeerModel
 from gpd_ds.models.weights import load_weights

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from gpd_ds.features import Tap, recording
 from gpd_ds.gpd.mode import STUDENT
+from gpd_ds.gpd.taps import Tap, recording
 from gpd_ds.models import create_model
 from gpd_ds.models.weights import WeightsError, load_weights
 

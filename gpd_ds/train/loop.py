@@ -24,7 +24,8 @@ from gpd_ds import checkpoint, distributed
 from gpd_ds.checkpoint import Resumed
 from gpd_ds.config import RunConfig, TrainConfig
 from gpd_ds.distributed import DistInfo
-from gpd_ds.engine import resident_parameters, zero_stage
+from gpd_ds.ds_config import zero_stage
+from gpd_ds.engine import resident_parameters
 from gpd_ds.losses import LossOutput
 from gpd_ds.preemption import EXIT_PREEMPTED, Preempted, StopRequest, describe
 from gpd_ds.progress import Progress

@@ -435,9 +435,9 @@ def test_a_process_exits_while_a_loader_worker_is_left(kill_leftovers: bool) -> 
 
 def test_an_unknown_error_keeps_its_traceback_in_the_rank_log(tmp_path: Path, monkeypatch, capsys) -> None:
     """Only UserInputErrors are one-liners: a bug propagates (traceback on stderr) and is written to the log."""
-    from gpd_ds.train import entry as train_module
     from gpd_ds.cli import main as cli_main
     from gpd_ds.distributed import DistInfo
+    from gpd_ds.train import entry as train_module
 
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug")

@@ -36,7 +36,8 @@ def resumed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(FIXTURE, run)
     (run / "uninterrupted_metrics.jsonl").unlink()
     ema, meta = run_weights(run, "last_ema")  # export reads the 0.2.x layout too
-    assert meta == {"weights": "ema", "step": 5} and ema
+    assert meta == {"weights": "ema", "step": 5}
+    assert ema
     args = overrides(tmp / "data", **{"model.static_teacher_checkpoint": tmp / "teacher.safetensors",
                                       "run.max_steps": 10, "model.student_kwargs": STUDENT_KWARGS})
     check(single(tmp, ["--run-dir", str(run), *args]))

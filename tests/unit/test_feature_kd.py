@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpd_ds.config import ConfigError, TrainConfig, apply_overrides, split_kd
-from gpd_ds.features import FeatureTapError, StudentWithConnector, build_connectors, feature_taps, recording
+from gpd_ds.features import FeatureTapError, StudentWithConnector, build_connectors, feature_taps
 from gpd_ds.gpd import expand, extract
 from gpd_ds.gpd.checkpointing import enable_activation_checkpointing
+from gpd_ds.gpd.taps import recording
 from gpd_ds.losses import Features, GPDLoss
 from gpd_ds.models import create_model
 from gpd_ds.models.build import build_model
