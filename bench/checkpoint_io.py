@@ -44,7 +44,7 @@ def _engine(cfg: TrainConfig):
     ds = json.loads((CONFIGS / "zero2.json").read_text())
     ds.update({"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 5.0,
                "torch_autocast": {"enabled": False}})
-    engine = initialize(model, build_optimizer(model, cfg, 0.01), None, ds_defaults(ds), world_size=1)
+    engine = initialize(model, build_optimizer(model, cfg.optim, 0.01), None, ds_defaults(ds), world_size=1)
     size = cfg.data.image_size if "deit" in cfg.model.student or "vit" in cfg.model.student else 64
     out = engine(torch.randn(2, 3, size, size), mode="both")
     engine.backward(out.student.sum() + out.teacher.sum())

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpd_ds.config import ConfigError, TrainConfig
+from gpd_ds.config import ConfigError, OptimConfig, TrainConfig
 from gpd_ds.ds_config import zero_stage
 
 log = logging.getLogger(__name__)
@@ -209,10 +209,10 @@ def autocast_dtype(ds: dict) -> torch.dtype | None:
             "fp16": torch.float16, "half": torch.float16}[str(block.get("dtype", "bfloat16"))]
 
 
-def effective_lr(cfg: TrainConfig, global_batch: int) -> float:
+def effective_lr(o: OptimConfig, global_batch: int, finetune: bool) -> float:
     """The recipe's lr scaled linearly to the global batch (and x finetune_lr_scale when fine-tuning)."""
-    lr = cfg.optim.lr * global_batch / cfg.optim.lr_ref_batch
-    return lr * cfg.optim.finetune_lr_scale if cfg.scenario == "finetune" else lr
+    lr = o.lr * global_batch / o.lr_ref_batch
+    return lr * o.finetune_lr_scale if finetune else lr
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
@@ -229,18 +229,16 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    o = cfg.optim
+def build_optimizer(model: nn.Module, o: OptimConfig, lr: float) -> torch.optim.Optimizer:
     groups = param_groups(model, o.weight_decay, o.decay_norm_and_bias)
     if o.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov)
     return torch.optim.AdamW(groups, lr=lr, betas=o.betas, eps=o.eps)
 
 
-def lr_factor(cfg: TrainConfig, steps_per_epoch: int, base_lr: float) -> Callable[[int], float]:
+def lr_factor(o: OptimConfig, steps_per_epoch: int, base_lr: float) -> Callable[[int], float]:
     """The schedule as a function of the optimizer step: linear warm-up from ``warmup_lr``, then step decay
     (x gamma at each milestone epoch) or cosine to ``min_lr`` followed by ``cooldown_epochs`` at ``min_lr``."""
-    o = cfg.optim
     warmup = round(o.warmup_epochs * steps_per_epoch)
     milestones = [m * steps_per_epoch for m in o.milestones]
     decay_steps = max(1, (o.epochs - o.cooldown_epochs) * steps_per_epoch - warmup)

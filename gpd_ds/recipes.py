@@ -6,7 +6,6 @@ Batch sizes are global; the lr is given at ``lr_ref_batch`` and scales linearly 
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 from gpd_ds.config import (
@@ -19,6 +18,22 @@ from gpd_ds.config import (
     RunConfig,
     TrainConfig,
 )
+from gpd_ds.registry import Registry
+
+# Every named config, in the order `gpd-ds recipes` lists them; a recipe of your own is one @recipe function in a
+# module passed to `gpd-ds train --plugin`
+RECIPES = Registry("recipe", "--recipe")
+Builder = Callable[[], TrainConfig]
+
+
+def recipe(scenario: str, paper: str = "-") -> Callable[[Builder], Builder]:
+    """Register the decorated function (it returns a fresh TrainConfig) as the recipe of its name, with what
+    `gpd-ds recipes` and `gpd-ds train --help` say of it besides its config: the ``scenario`` and the paper's ImageNet
+    top-1 (baseline -> GPD)."""
+    def add(build: Builder) -> Builder:
+        build.scenario, build.paper = scenario, paper
+        return RECIPES.register(build.__name__)(build)
+    return add
 
 
 def _cnn_data() -> DataConfig:
@@ -41,6 +56,34 @@ def _cnn_optim(**overrides) -> OptimConfig:
 _PAPER_TEACHER_MODE = {"static_teacher_train_mode": True}
 
 
+@recipe("(a) static teacher", "- (offline demo data)")
+def demo() -> TrainConfig:
+    """The embedded default: GPD with DKD from timm resnet10t (4.9 M parameters, trained first by
+    ``demo_teacher``) to timm test_resnet (0.37 M), on the offline shapes dataset at 32 px. Minutes on a CPU."""
+    return TrainConfig(
+        recipe="demo",
+        model=ModelConfig(student="test_resnet", static_teacher="resnet10t"),
+        data=DataConfig(image_size=32, workers=1, shuffle_buffer=500, eval_batch_size=200, crop_pct=1.0,
+                        augment=Augment(scale=(0.5, 1.0))),
+        loss=LossConfig(kd="dkd", dkd_beta=0.5),
+        optim=OptimConfig(optimizer="sgd", lr=0.1, lr_ref_batch=64, weight_decay=5e-4, schedule="cosine",
+                          epochs=5, warmup_epochs=0.5, min_lr=1e-3, ema_decay=0.98, global_batch_size=64,
+                          grad_clip=5.0),
+        run=RunConfig(log_every_steps=10, checkpoint_every_steps=100, keep_checkpoints=2))
+
+
+@recipe("plain (the demo teacher)", "-")
+def demo_teacher() -> TrainConfig:
+    """The demo's static teacher: resnet10t trained from scratch without GPD on the demo data."""
+    cfg = demo()
+    cfg.recipe = "demo_teacher"
+    cfg.model = ModelConfig(student="resnet10t", method="plain")
+    cfg.loss = LossConfig(kd="none")
+    cfg.optim.epochs = 6
+    return cfg
+
+
+@recipe("(a) static teacher", "DKD 71.70 -> DKD + GPD 72.71")
 def resnet18_from_resnet34() -> TrainConfig:
     """Scenario (a): ResNet34 (torchvision weights, 73.31) -> ResNet18, DKD + GPD (paper: 72.71). The static
     teacher in train mode, as the reference ran it."""
@@ -52,6 +95,7 @@ def resnet18_from_resnet34() -> TrainConfig:
         run=RunConfig(checkpoint_every_steps=2500))
 
 
+@recipe("(a) static teacher", "DKD 72.05 -> DKD + GPD 73.63")
 def mobilenet_from_resnet50() -> TrainConfig:
     """Scenario (a): ResNet50 (torchvision weights, 76.13) -> MobileNet-v1, DKD (beta 2) + GPD (paper: 73.63). The
     static teacher in train mode, as the reference ran it.
@@ -80,18 +124,21 @@ def _reviewkd(recipe: str, student: str, teacher: str, mid_channels: int) -> Tra
         optim=_cnn_optim(lr_ref_batch=256, global_batch_size=256), run=RunConfig(checkpoint_every_steps=5000))
 
 
+@recipe("(a) static teacher", "ReviewKD 71.61 -> ReviewKD + GPD 72.50")
 def resnet18_from_resnet34_reviewkd() -> TrainConfig:
     """Scenario (a): ResNet34 (73.31) -> ResNet18, ReviewKD + GPD (paper: 72.50; ReviewKD alone 71.61). ABF
     width 512."""
     return _reviewkd("resnet18_from_resnet34_reviewkd", "resnet18", "resnet34.tv_in1k", 512)
 
 
+@recipe("(a) static teacher", "ReviewKD 72.56 -> ReviewKD + GPD 73.21")
 def mobilenet_from_resnet50_reviewkd() -> TrainConfig:
     """Scenario (a): ResNet50 (76.16) -> MobileNet-v1 (ReLU), ReviewKD + GPD (paper: 73.21; ReviewKD alone 72.56).
     ABF width 256; weight 1.0 as the reference (the original ReviewKD used 8.0 for this pair)."""
     return _reviewkd("mobilenet_from_resnet50_reviewkd", "mobilenetv1_relu", "resnet50.tv_in1k", 256)
 
 
+@recipe("(b) from scratch", "70.07 -> GPD 71.87")
 def resnet18_scratch() -> TrainConfig:
     """Scenario (b): ResNet18 from scratch with GPD, no static teacher (paper: 70.07 -> 71.87)."""
     return TrainConfig(recipe="resnet18_scratch", model=ModelConfig(student="resnet18", branches=True),
@@ -99,6 +146,7 @@ def resnet18_scratch() -> TrainConfig:
                        run=RunConfig(checkpoint_every_steps=2500))
 
 
+@recipe("(c) fine-tuning (set model.student_checkpoint)", "70.23 -> GPD 71.12")
 def resnet18_finetune() -> TrainConfig:
     """Scenario (c): fine-tune a pretrained ResNet18 with GPD for 50 epochs at lr x0.1, one decay at epoch 30
     (paper: 69.75 -> 71.12). Set ``model.student_checkpoint`` to the pretrained weights (a local file)."""
@@ -129,17 +177,20 @@ def _deit(recipe: str, student: str, teacher: str, drop_path: float, **model: ob
         run=RunConfig(checkpoint_every_steps=2500))
 
 
+@recipe("(a) static teacher", "-")
 def deit_tiny_from_deit_small() -> TrainConfig:
     """DeiT-S (79.9) -> DeiT-Ti (5.7 M; dynamic teacher 22 M), DKD + GPD on the DeiT recipe. ZeRO-2."""
     return _deit("deit_tiny_from_deit_small", "deit_tiny_patch16_224", "deit_small_patch16_224", 0.0)
 
 
+@recipe("(a) static teacher", "-")
 def deit_small_from_deit_base() -> TrainConfig:
     """DeiT-B (81.8) -> DeiT-S (22 M; dynamic teacher 87 M), DKD + GPD on the DeiT recipe, drop-path 0.1. ZeRO-2
     fits on 40/80 GB GPUs at 256 images per GPU; ZeRO-3 + activation checkpointing for larger per-GPU batches."""
     return _deit("deit_small_from_deit_base", "deit_small_patch16_224", "deit_base_patch16_224", 0.1)
 
 
+@recipe("(a) static teacher", "-")
 def vit_base_from_vit_large() -> TrainConfig:
     """ViT-L/16 (AugReg, 85.6 at 224) -> ViT-B/16 (86 M; dynamic teacher 344 M, the size of a ViT-L), DKD + GPD on
     the DeiT recipe, drop-path 0.1, global batch 1024 (lr 1e-3). Use ds_configs/zero3.json: the dynamic teacher's
@@ -150,6 +201,7 @@ def vit_base_from_vit_large() -> TrainConfig:
     return cfg
 
 
+@recipe("(a) static teacher", "-")
 def deit_tiny_distilled_from_deit_small() -> TrainConfig:
     """The distillation-token variant: DeiT-Ti distilled <- DeiT-S. The class head learns from the labels and the
     dynamic teacher; the distillation head from the static teacher (psi = DKD), in the student and the dynamic
@@ -170,42 +222,20 @@ def _rvt(recipe: str, static_teacher: str | None) -> TrainConfig:
     return cfg
 
 
+@recipe("(a) static teacher", "DKD 79.12 -> DKD + GPD 80.14")
 def rvt_tiny_from_rvt_small() -> TrainConfig:
     """RVT-S (81.69) -> RVT-Ti (8.65 M; dynamic teacher 33.4 M), DKD + GPD (paper: DKD 79.12 -> 80.14). Convert the
     official rvt_small.pth with ``gpd-ds convert-weights`` and set ``model.static_teacher_checkpoint``."""
     return _rvt("rvt_tiny_from_rvt_small", "rvt_small")
 
 
+@recipe("(b) from scratch", "78.45 -> GPD 79.85")
 def rvt_tiny_scratch() -> TrainConfig:
     """RVT-Ti from scratch with GPD, no static teacher (paper: 78.45 -> 79.85)."""
     return _rvt("rvt_tiny_scratch", None)
 
 
-def demo() -> TrainConfig:
-    """The embedded default: GPD with DKD from timm resnet10t (4.9 M parameters, trained first by
-    ``demo_teacher``) to timm test_resnet (0.37 M), on the offline shapes dataset at 32 px. Minutes on a CPU."""
-    return TrainConfig(
-        recipe="demo",
-        model=ModelConfig(student="test_resnet", static_teacher="resnet10t"),
-        data=DataConfig(image_size=32, workers=1, shuffle_buffer=500, eval_batch_size=200, crop_pct=1.0,
-                        augment=Augment(scale=(0.5, 1.0))),
-        loss=LossConfig(kd="dkd", dkd_beta=0.5),
-        optim=OptimConfig(optimizer="sgd", lr=0.1, lr_ref_batch=64, weight_decay=5e-4, schedule="cosine",
-                          epochs=5, warmup_epochs=0.5, min_lr=1e-3, ema_decay=0.98, global_batch_size=64,
-                          grad_clip=5.0),
-        run=RunConfig(log_every_steps=10, checkpoint_every_steps=100, keep_checkpoints=2))
-
-
-def demo_teacher() -> TrainConfig:
-    """The demo's static teacher: resnet10t trained from scratch without GPD on the demo data."""
-    cfg = demo()
-    cfg.recipe = "demo_teacher"
-    cfg.model = ModelConfig(student="resnet10t", method="plain")
-    cfg.loss = LossConfig(kd="none")
-    cfg.optim.epochs = 6
-    return cfg
-
-
+@recipe("(a) static teacher", "- (docs/results_cifar10.md)")
 def cifar10() -> TrainConfig:
     """The CIFAR-10 protocol of docs/results_cifar10.md (its arm (a) by default): DKD + GPD from cifar_resnet18
     (trained first by ``cifar10_teacher``; set ``model.static_teacher_checkpoint``) to cifar_resnet10, 32 px,
@@ -223,6 +253,7 @@ def cifar10() -> TrainConfig:
         run=RunConfig(log_every_steps=20, eval_every_epochs=2, checkpoint_every_steps=200, keep_checkpoints=1))
 
 
+@recipe("plain (the CIFAR-10 teacher)", "-")
 def cifar10_teacher() -> TrainConfig:
     """The CIFAR-10 static teacher: cifar_resnet18 from scratch without GPD, same schedule."""
     cfg = cifar10()
@@ -232,43 +263,12 @@ def cifar10_teacher() -> TrainConfig:
     return cfg
 
 
-RECIPES: dict[str, Callable[[], TrainConfig]] = {
-    f.__name__: f for f in (demo, demo_teacher, resnet18_from_resnet34, mobilenet_from_resnet50,
-                            resnet18_from_resnet34_reviewkd, mobilenet_from_resnet50_reviewkd, resnet18_scratch,
-                            resnet18_finetune, deit_tiny_from_deit_small, deit_small_from_deit_base,
-                            vit_base_from_vit_large, deit_tiny_distilled_from_deit_small, rvt_tiny_from_rvt_small,
-                            rvt_tiny_scratch, cifar10, cifar10_teacher)
-}
-
-
-# what `gpd-ds recipes` and `gpd-ds train --help` say of each recipe besides its config: the scenario (resnet18_finetune
-# becomes (c) once the user sets model.student_checkpoint) and the paper's ImageNet top-1, baseline -> GPD
-CATALOG: dict[str, tuple[str, str]] = {
-    "resnet18_from_resnet34": ("(a) static teacher", "DKD 71.70 -> DKD + GPD 72.71"),
-    "mobilenet_from_resnet50": ("(a) static teacher", "DKD 72.05 -> DKD + GPD 73.63"),
-    "resnet18_from_resnet34_reviewkd": ("(a) static teacher", "ReviewKD 71.61 -> ReviewKD + GPD 72.50"),
-    "mobilenet_from_resnet50_reviewkd": ("(a) static teacher", "ReviewKD 72.56 -> ReviewKD + GPD 73.21"),
-    "resnet18_scratch": ("(b) from scratch", "70.07 -> GPD 71.87"),
-    "resnet18_finetune": ("(c) fine-tuning (set model.student_checkpoint)", "70.23 -> GPD 71.12"),
-    "deit_tiny_from_deit_small": ("(a) static teacher", "-"),
-    "deit_small_from_deit_base": ("(a) static teacher", "-"),
-    "vit_base_from_vit_large": ("(a) static teacher", "-"),
-    "deit_tiny_distilled_from_deit_small": ("(a) static teacher", "-"),
-    "rvt_tiny_from_rvt_small": ("(a) static teacher", "DKD 79.12 -> DKD + GPD 80.14"),
-    "rvt_tiny_scratch": ("(b) from scratch", "78.45 -> GPD 79.85"),
-    "cifar10": ("(a) static teacher", "- (docs/results_cifar10.md)"),
-    "cifar10_teacher": ("plain (the CIFAR-10 teacher)", "-"),
-    "demo": ("(a) static teacher", "- (offline demo data)"),
-    "demo_teacher": ("plain (the demo teacher)", "-"),
-}
-
-
 def describe() -> list[dict[str, str]]:
     """One row per recipe: name, scenario, method, student, static teacher, epochs, paper, first docstring line."""
     rows = []
     for name, build in RECIPES.items():
         cfg = build()
-        scenario, paper = CATALOG[name]
+        scenario, paper = build.scenario, build.paper
         m = cfg.model
         rows.append({"recipe": name, "scenario": scenario, "method": m.method, "student": m.student,
                      "static teacher": m.static_teacher or "-",
@@ -280,8 +280,9 @@ def describe() -> list[dict[str, str]]:
 
 
 def get_recipe(name: str) -> TrainConfig:
+    """A fresh config of the recipe ``name``."""
     if name not in RECIPES:
-        close = difflib.get_close_matches(name, RECIPES, n=3)
+        close = RECIPES.close_to(name)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"--recipe {name!r} is unknown; recipes: {', '.join(RECIPES)}.{hint}")
-    return RECIPES[name]()
+    return RECIPES.get(name)()

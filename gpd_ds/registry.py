@@ -1,4 +1,5 @@
-"""Registries: where users extend gpd_ds by name (a KD loss, a recipe) without editing the framework.
+"""Registries: where users extend gpd_ds by name (a KD loss, a recipe: :data:`gpd_ds.recipes.RECIPES`) without
+editing the framework.
 
 A :class:`Registry` maps a name to an object. Built-in entries are a table of ``"module:attribute"`` strings,
 imported on first use, so the command line knows every built-in name (config validation, ``--help``) before torch
@@ -10,8 +11,8 @@ is imported; a user's entry is one decorator in their own file::
     def cosine_kd(logits, static_logits, target, params):
         return 1 - torch.cosine_similarity(logits.float(), static_logits.detach().float()).mean()
 
-then ``--plugin my_losses --set loss.kd=cosine`` (``--plugin`` imports the file's module before the config is
-checked; a name defined in a test or a notebook is known as soon as its cell has run).
+then ``gpd-ds train --plugin my_losses.py --set loss.kd=cosine`` (``--plugin`` imports the file, or a module by
+name, before the config is checked; in a test or a notebook a name is known as soon as its cell has run).
 
 This module imports nothing heavy, and nothing of gpd_ds but :mod:`gpd_ds.errors`.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from gpd_ds.errors import UserInputError
@@ -41,27 +42,45 @@ class Registry:
     def __init__(self, kind: str, key: str, builtin: dict[str, str] | None = None) -> None:
         self.kind, self.key = kind, key
         self._entries: dict[str, Any] = dict(builtin or {})  # an object, or "module:attribute" not yet imported
+        self._builtin = frozenset(self._entries)
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: register the decorated object under ``name``. A name is registered once (registering the same
         object again, as a module imported twice does, is harmless)."""
         def add(obj: T) -> T:
             known = self._entries.get(name)
-            if known is not None and known is not obj and not isinstance(known, str):
-                raise ValueError(f"{self.kind} {name!r} is already registered ({known!r}); choose another name")
-            if isinstance(known, str):
+            if name in self._builtin:
                 raise ValueError(f"{self.kind} {name!r} is a built-in one; choose another name")
+            if known is not None and known is not obj:
+                raise ValueError(f"{self.kind} {name!r} is already registered ({known!r}); choose another name")
             self._entries[name] = obj
             return obj
         if not name or "+" in name or name == "none":
             raise ValueError(f"{self.kind} name {name!r} is invalid: use a non-empty name without '+', not 'none'")
         return add
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (a test's registration, say); built-in entries stay."""
+        if name in self._builtin:
+            raise ValueError(f"{self.kind} {name!r} is a built-in one and stays registered")
+        self._entries.pop(name, None)
+
     def names(self) -> tuple[str, ...]:
+        """The registered names, in the order of registration."""
         return tuple(self._entries)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        """(name, object) pairs, importing built-in entries."""
+        return ((name, self.get(name)) for name in self.names())
 
     def get(self, name: str) -> Any:
         """The object registered as ``name`` (a built-in one is imported now)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -39,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="with --resume none: delete the run directory's "
                         "old checkpoints, best weights and metrics.jsonl, then start from step 0")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
-                        help="import MODULE (on the Python path) first, so that what it registers (a KD loss in "
-                        "gpd_ds.registry.KD_LOSSES, a recipe) can be named; repeatable")
+    parser.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE.py|MODULE",
+                        help="import a Python file (or a module on the Python path) first, so that what it registers "
+                        "(a KD loss in gpd_ds.registry.KD_LOSSES, a @recipe) can be named; repeatable")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     # DeepSpeed's own two config arguments (what deepspeed.add_config_arguments adds), declared here so that the
     # parse needs no DeepSpeed import
@@ -68,17 +69,30 @@ def quiet_ranks() -> None:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
+def import_plugin(plugin: str) -> None:
+    """Import ``plugin``: a ``.py`` file, or a module by name (the working directory on the path, as for
+    ``python -m``). It runs as the user's own code, like any module they import."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        if plugin.endswith(".py"):
+            if not os.path.isfile(plugin):
+                raise ImportError(f"no file {plugin}")
+            spec = importlib.util.spec_from_file_location(f"gpd_ds_plugin_{len(sys.modules)}", plugin)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            importlib.import_module(plugin)
+    except ImportError as e:
+        raise ConfigError(f"--plugin {plugin!r} cannot be imported ({e}); name a Python file (my_losses.py) or a "
+                          "module on the Python path") from e
+
+
 def check_args(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
     """The config (recipe, ``--set`` overrides, every value) and the ds_config, checked without torch; raises a
     :class:`~gpd_ds.errors.UserInputError` naming what to fix."""
-    if args.plugins and os.getcwd() not in sys.path:  # find a plugin in the working directory, as `python -m` does
-        sys.path.insert(0, os.getcwd())
-    for module in args.plugins:
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise ConfigError(f"--plugin {module!r} cannot be imported ({e}); name a module on the Python path, "
-                              "e.g. my_losses for my_losses.py in the working directory") from e
+    for plugin in args.plugins:
+        import_plugin(plugin)
     cfg = apply_overrides(get_recipe(args.recipe), args.overrides).validate()
     if args.print_config:
         return cfg, {}

@@ -132,14 +132,14 @@ def build_components(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> Compo
     loader = build_train_loader(cfg.data, train_shards, ds["train_micro_batch_size_per_gpu"], cfg.run.seed, info)
     steps_per_epoch = _steps_per_epoch(loader, ds["gradient_accumulation_steps"])
     total_steps = steps_per_epoch * cfg.optim.epochs
-    lr = effective_lr(cfg, ds["train_batch_size"])
+    lr = effective_lr(cfg.optim, ds["train_batch_size"], finetune=cfg.scenario == "finetune")
     model = model.to(info.device)
     if cfg.run.activation_checkpointing:
         blocks = enable_activation_checkpointing(model)
         if info.is_main:
             log.info("activation checkpointing: %d blocks recompute their activations in backward", blocks)
-    optimizer = build_optimizer(model, cfg, lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch, lr))
+    optimizer = build_optimizer(model, cfg.optim, lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, steps_per_epoch, lr))
     engine = initialize(model, optimizer, scheduler, ds, info.world_size)
     ema = None
     if cfg.optim.ema_decay:  # after the engine has broadcast rank 0's weights (and, ZeRO-3, partitioned them)
