@@ -4,7 +4,7 @@ One source of truth for everything except DeepSpeed's own keys (batch sizes, cli
 live in the ds_config JSON (see :mod:`gpd_ds.engine`). The two mirrored values, ``optim.global_batch_size`` and
 ``optim.grad_clip``, are the recipe's values: they fill the ds_config where it is silent and must agree with it
 where it is not. :meth:`TrainConfig.validate` checks every field (type, range, the rules between fields) before
-any import of torch; :func:`gpd_ds.preflight.preflight` then checks what needs torch and timm (model names).
+any import of torch; :func:`gpd_ds.config_checks.check_config` then checks what needs torch and timm (model names).
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ class TrainConfig:
         """Check every field (type, then range) and the fields that depend on each other; raises
         :class:`ConfigError` naming the key, the value and the fix. Instant, with no torch or timm import: the
         command line runs it first. The checks that need them (model names, the student's keyword arguments, the
-        auto-augment policy) are :func:`gpd_ds.preflight.preflight`'s."""
+        auto-augment policy) are :func:`gpd_ds.config_checks.check_config`'s."""
         fields = list(_leaf_fields(self))
         for key, value, hint in fields:
             if not _fits(value, hint):
@@ -243,7 +243,7 @@ class TrainConfig:
 
 # --- validation ------------------------------------------------------------------------------------------------
 # TrainConfig.validate checks each field's type from the dataclass hints (_fits), then its range (_RULES, one row
-# per non-bool field), then the rules that tie fields together (_cross_field_rows). gpd_ds.preflight adds the checks
+# per non-bool field), then the rules that tie fields together (_cross_field_rows). gpd_ds.config_checks adds the checks
 # that need torch and timm.
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from gpd_ds import distributed
 from gpd_ds.config import ConfigError, TrainConfig, apply_overrides
+from gpd_ds.config_checks import check_config
 from gpd_ds.data.demo import cache_dir
 from gpd_ds.distributed import DistInfo
 from gpd_ds.errors import UserInputError
 from gpd_ds.preemption import EXIT_PREEMPTED, Preempted, StopRequest
-from gpd_ds.preflight import preflight
 from gpd_ds.recipes import get_recipe
 from gpd_ds.train.loop import RunResult, train
 
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace, cfg: TrainConfig, ds_config: dict) -> int:
     stop = StopRequest().install()  # first: a SIGTERM during start-up must not kill the rank either
     info = None
     try:
-        preflight(cfg)
+        check_config(cfg)
         info = distributed.init()
         run_dir = _run_dir(args, cfg)
         _writable_run_dir(run_dir)

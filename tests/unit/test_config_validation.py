@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gpd_ds.config import _RULES, ConfigError, TrainConfig, _all_keys, apply_overrides
+from gpd_ds.config_checks import check_config
 from gpd_ds.ds_config import (
     _AUTOCAST_DTYPES,
     _DS_BLOCK_KEYS,
@@ -26,7 +27,6 @@ from gpd_ds.ds_config import (
 from gpd_ds.engine import autocast_dtype
 from gpd_ds.errors import UserInputError
 from gpd_ds.models import create_model
-from gpd_ds.preflight import preflight
 from gpd_ds.recipes import RECIPES, get_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +34,7 @@ SHIPPED = sorted((REPO / "ds_configs").glob("*.json"))
 
 
 def _validate(*overrides: str) -> TrainConfig:
-    return preflight(apply_overrides(get_recipe("demo"), list(overrides)))
+    return check_config(apply_overrides(get_recipe("demo"), list(overrides)))
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -173,7 +173,7 @@ def test_fields_that_depend_on_each_other(overrides: list[str], message: str, tm
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_validates(name: str) -> None:
-    assert preflight(get_recipe(name)).recipe == name
+    assert check_config(get_recipe(name)).recipe == name
 
 
 @pytest.mark.parametrize("override", [

@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("architectures and losses", ("models.cifar", "models.mobilenet", "models.rvt", "reviewkd", "losses")),
     ("gpd", ("gpd", "features")),
     ("models", ("models", "models.weights", "models.build", "models.teacher", "models.peer")),
-    ("evaluation and outputs", ("evaluate", "export", "hub", "report", "dashboard", "preflight")),
+    ("evaluation and outputs", ("evaluate", "export", "hub", "report", "dashboard", "config_checks")),
     ("training", ("train",)),
     ("command line", ("train_cli", "cli")),
 )

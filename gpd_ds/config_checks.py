@@ -12,7 +12,7 @@ from gpd_ds.data.transforms import train_transform
 from gpd_ds.models import create_model, unknown_model
 
 
-def preflight(cfg: TrainConfig) -> TrainConfig:
+def check_config(cfg: TrainConfig) -> TrainConfig:
     """Every check of ``cfg``: :meth:`TrainConfig.validate`, then :func:`check_models` and
     :func:`check_auto_augment`; raises :class:`ConfigError` naming the key, the value and the fix."""
     cfg.validate()
