@@ -1,3 +1,3 @@
 """gpd_ds: Gap Preserving Distillation on DeepSpeed."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpd_ds.config import ConfigError, OptimConfig, TrainConfig
+from gpd_ds.config import ConfigError, OptimConfig
 from gpd_ds.ds_config import zero_stage
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def _mirror(ds: dict, key: str, recipe_value: object, recipe_key: str) -> object
     return ds.get(key, recipe_value)
 
 
-def resolve_ds_config(ds: dict, cfg: TrainConfig, world_size: int, device: torch.device) -> dict:
+def resolve_ds_config(ds: dict, optim: OptimConfig, world_size: int, device: torch.device) -> dict:
     """A complete ds_config for ``deepspeed.initialize`` (see the module docstring for the rules)."""
     ds = json.loads(json.dumps(ds))  # a deep copy
     for block, fix in (("optimizer", "the optimizer comes from the recipe (optim.*)"),
@@ -65,7 +65,7 @@ def resolve_ds_config(ds: dict, cfg: TrainConfig, world_size: int, device: torch
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_optimization.stage={stage!r} is not a ZeRO stage; use 0, 1, 2 or 3")
 
-    global_batch = _mirror(ds, "train_batch_size", cfg.optim.global_batch_size, "optim.global_batch_size")
+    global_batch = _mirror(ds, "train_batch_size", optim.global_batch_size, "optim.global_batch_size")
     if not global_batch:
         raise ConfigError("no batch size: set train_batch_size in the ds_config or optim.global_batch_size")
     micro = ds.get("train_micro_batch_size_per_gpu")
@@ -83,7 +83,7 @@ def resolve_ds_config(ds: dict, cfg: TrainConfig, world_size: int, device: torch
     ds.update(train_batch_size=global_batch, train_micro_batch_size_per_gpu=micro,
               gradient_accumulation_steps=accumulation)
 
-    clip = _mirror(ds, "gradient_clipping", cfg.optim.grad_clip, "optim.grad_clip")
+    clip = _mirror(ds, "gradient_clipping", optim.grad_clip, "optim.grad_clip")
     if clip is None:
         raise ConfigError("gradient_clipping is not set: set it in the ds_config (0 disables it) or optim.grad_clip; "
                           "DeepSpeed would silently clip at 1.0")

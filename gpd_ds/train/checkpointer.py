@@ -12,6 +12,7 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 
+import gpd_ds
 from gpd_ds import checkpoint, distributed
 from gpd_ds.checkpoint import Resumed
 from gpd_ds.distributed import DistInfo
@@ -31,7 +32,8 @@ class Checkpointer:
     def save(self, step: int) -> Path:
         """Save at ``step`` (every rank calls it)."""
         distributed.average_running_stats(self.engine.module)  # rank 0's module is what the checkpoint holds
-        client = {"state_version": STATE_VERSION, "state": self.state.state_dict(), "step": step,
+        client = {"state_version": STATE_VERSION, "gpd_ds_version": gpd_ds.__version__,
+                  "state": self.state.state_dict(), "step": step,
                   "epoch": step / self.steps_per_epoch, "config_digest": self.config_digest,
                   # lets DeepSpeed's ds_to_universal convert the checkpoint for another number of ranks
                   UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}

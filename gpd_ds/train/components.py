@@ -123,7 +123,7 @@ def _steps_per_epoch(loader, accumulation: int) -> int:
 def build_components(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> Components:
     train_shards, val_shards = distributed.on_all_ranks(lambda: find_data(cfg.data, info), "finding the data")
     num_classes = len(train_shards.classes)
-    ds = resolve_ds_config(ds_config, cfg, info.world_size, info.device)
+    ds = resolve_ds_config(ds_config, cfg.optim, info.world_size, info.device)
     model = distributed.on_all_ranks(lambda: build_model(cfg, num_classes), "building the model")
     static_teacher = load_static_teacher(cfg, num_classes, info)
     static_taps = ()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import gpd_ds
 from gpd_ds import checkpoint, distributed
 from gpd_ds.checkpoint import Resumed
 from gpd_ds.config import RunConfig, TrainConfig
@@ -220,7 +221,8 @@ def _versions() -> dict[str, str]:
     import deepspeed
     import timm
     import webdataset
-    return {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+    return {"gpd_ds": gpd_ds.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__,
             "timm": timm.__version__, "webdataset": getattr(webdataset, "__version__", "?")}
 
 

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
+import gpd_ds
 from gpd_ds import distributed
 from gpd_ds.checkpoint import CheckpointError
 from gpd_ds.distributed import DistInfo
@@ -76,8 +77,10 @@ def upgrade_client_state(client: dict) -> dict[str, Any]:
     if version == STATE_VERSION:
         return client["state"]
     if version != 1:
-        raise CheckpointError(f"the checkpoint's client state has version {version!r}; this gpd_ds reads versions 1 "
-                              f"(0.2.x) and {STATE_VERSION}: resume it with the gpd_ds that wrote it")
+        writer = client.get("gpd_ds_version", "another version")
+        raise CheckpointError(f"the checkpoint was written by gpd_ds {writer} (client state version {version!r}); "
+                              f"gpd_ds {gpd_ds.__version__} reads versions 1 (0.2.x) and {STATE_VERSION}: resume it "
+                              f"with gpd_ds {writer}, or export its weights with that version")
     kept = client["kept"]
     return {"ranks": client["ranks"], "ema": {"whole": client.get("ema"), "shapes": client.get("ema_shapes")},
             "best": kept["best"], "tracker": {"wandb_run_id": kept["wandb_run_id"]}, "lineage": client.get("lineage"),
