@@ -275,7 +275,9 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
     if info.is_main:
         _write_record(run_dir, record, cfg, c, info)
 
-    step = lambda: c.engine.global_steps  # noqa: E731
+    def step() -> int:
+        return c.engine.global_steps
+
     evaluator = Evaluator(c.engine, c.ema, c.static_teacher, c.val_shards, cfg.data, c.device_tf, c.autocast, info,
                           c.zero3)
     best, tracked = BestWeights(run_dir, info, c.zero3, step), TrackerState()
