@@ -121,6 +121,8 @@ def _steps_per_epoch(loader, accumulation: int) -> int:
 
 
 def build_components(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> Components:
+    """Every part of the run, in the order the RNG sees them (the data, the model's initialisation and noise, the
+    static teacher, the loader), so that a run is the same on every rank and across versions."""
     train_shards, val_shards = distributed.on_all_ranks(lambda: find_data(cfg.data, info), "finding the data")
     num_classes = len(train_shards.classes)
     ds = resolve_ds_config(ds_config, cfg.optim, info.world_size, info.device)

@@ -23,7 +23,7 @@ import torch
 import gpd_ds
 from gpd_ds import checkpoint, distributed
 from gpd_ds.checkpoint import Resumed
-from gpd_ds.config import RunConfig, TrainConfig
+from gpd_ds.config import LossConfig, RunConfig, TrackConfig, TrainConfig
 from gpd_ds.distributed import DistInfo
 from gpd_ds.ds_config import zero_stage
 from gpd_ds.engine import resident_parameters
@@ -92,14 +92,14 @@ class ThroughputWindow:
 class Trainer:
     """The step loop over built parts (see the module docstring)."""
 
-    def __init__(self, cfg: TrainConfig, c: Components, evaluator: Evaluator, best: BestWeights,
+    def __init__(self, run: RunConfig, loss: LossConfig, c: Components, evaluator: Evaluator, best: BestWeights,
                  checkpointer: Checkpointer, tracker: Tracker, stop: StopRequest, info: DistInfo,
                  run_dir: Path) -> None:
-        self.cfg, self.run, self.c, self.engine = cfg, cfg.run, c, c.engine
+        self.run, self.loss, self.c, self.engine = run, loss, c, c.engine
         self.evaluator, self.best, self.checkpointer, self.tracker = evaluator, best, checkpointer, tracker
         self.stop, self.info, self.run_dir = stop, info, run_dir
         self.spe, self.end = c.steps_per_epoch, c.end_step
-        self.watch = NonFiniteWatch(cfg.run.max_nonfinite_steps, info.device)
+        self.watch = NonFiniteWatch(run.max_nonfinite_steps, info.device)
         self.window = ThroughputWindow()
         self.results: Results = {}  # of the newest evaluation
 
@@ -122,7 +122,7 @@ class Trainer:
         """Optimizer steps to the end of ``step``'s epoch (or the end step); returns (step, the epoch's end)."""
         epoch = step // self.spe
         epoch_end = min((epoch + 1) * self.spe, self.end)
-        kd_scale = kd_warmup(self.cfg.loss, epoch)
+        kd_scale = kd_warmup(self.loss, epoch)
         self.c.loader.set_epoch(epoch)
         for batch in self.window.timed(self.c.loader):
             loss = self.micro_step(batch, kd_scale)
@@ -246,12 +246,12 @@ def _write_record(run_dir: Path, record: dict, cfg: TrainConfig, c: Components, 
              c.ds["gradient_accumulation_steps"], c.lr, c.steps_per_epoch, cfg.optim.epochs)
 
 
-def _start_tracker(run_dir: Path, cfg: TrainConfig, record: dict, info: DistInfo, state: TrackerState,
+def _start_tracker(run_dir: Path, track: TrackConfig, record: dict, info: DistInfo, state: TrackerState,
                    resumed_step: int | None) -> Tracker:
     """The metrics log and W&B run; metrics.jsonl is cut back to ``resumed_step`` (rows a crashed run wrote after
     its last checkpoint are written again)."""
     wandb_has = rewind_metrics(run_dir / "metrics.jsonl", resumed_step) if info.is_main else -1
-    tracker = Tracker(run_dir, cfg.track, record, info.is_main, state.wandb_run_id, wandb_has)
+    tracker = Tracker(run_dir, track, record, info.is_main, state.wandb_run_id, wandb_has)
     state.wandb_run_id = distributed.broadcast_object(tracker.run_id)
     distributed.barrier()  # every rank waits for rank 0's (time-limited) W&B start, then all go on together
     return tracker
@@ -289,8 +289,9 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
                                 {"zero_stage": zero_stage(c.ds), "config": config}, cfg.digest(), c.steps_per_epoch)
     if resumed is not None:
         _restore(checkpointer, resumed, tracked, foreign)
-    tracker = _start_tracker(run_dir, cfg, record, info, tracked, step() if resumed is not None else None)
-    trainer = Trainer(cfg, c, evaluator, best, checkpointer, tracker, stop or StopRequest(), info, run_dir)
+    tracker = _start_tracker(run_dir, cfg.track, record, info, tracked, step() if resumed is not None else None)
+    trainer = Trainer(cfg.run, cfg.loss, c, evaluator, best, checkpointer, tracker, stop or StopRequest(), info,
+                      run_dir)
     return trainer.fit(fresh=resumed is None)
 
 
