@@ -90,7 +90,7 @@ def test_fallback_resume_refuses_a_payload_in_the_client_state(workspace: Path, 
     run, marker = _copy(runs["one"], workspace, "poisoned-fallback"), workspace / "ran-fallback"
     newest = run / STEP10 / "mp_rank_00_model_states.pt"
     newest.write_bytes(newest.read_bytes()[:2000])
-    _poison(run / STEP5 / "mp_rank_00_model_states.pt", marker, where=("kept",))
+    _poison(run / STEP5 / "mp_rank_00_model_states.pt", marker, where=("state", "best"))
     result = single(workspace, _args(workspace, run, **{"run.max_steps": 12}))
     _refused(result, marker, "step000000005/mp_rank_00_model_states.pt")
     assert (run / "checkpoints" / "step000000010.unreadable").is_dir()
