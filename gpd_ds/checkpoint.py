@@ -49,7 +49,7 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file
 
 from gpd_ds.distributed import DistInfo, all_gather_object, broadcast_object
-from gpd_ds.errors import UserInputError
+from gpd_ds.errors import UserInputError, json_type
 from gpd_ds.safeload import UnsafeFileError, is_unsafe, load_file, safe_loading, scan_file
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,9 @@ class Marker:
         except (OSError, json.JSONDecodeError) as e:  # written atomically: damage means the disk, not a crash
             raise ResumeError(f"the completion marker {path / MARKER} cannot be read ({e}); move the directory "
                               "away to resume from the previous checkpoint") from e
+        if not isinstance(data, dict):
+            raise ResumeError(f"the completion marker {path / MARKER} holds a JSON {json_type(data)}, not the object "
+                              "gpd_ds writes; move the directory away to resume from the previous checkpoint")
         return cls(path, data.get("step", step_of(path)), data.get("world_size"), data.get("zero_stage"),
                    data.get("lineage"), data.get("config"))
 
@@ -474,7 +477,9 @@ def resume(engine, spec: str, root: Path, info: DistInfo, config: dict, zero_sta
     Returns None when there is nothing to resume (a fresh run)."""
     if spec == "none":
         return None
-    candidates = _candidates(spec, root)
+    # rank 0 lists the directory and every rank takes its list: ranks that listed it themselves while another run
+    # wrote into it could disagree on the candidates (and then on everything after)
+    candidates = _on_main(lambda: _candidates(spec, root), info)
     skipped: list[str] = []
     for path in candidates:
         marker = Marker.read(path)

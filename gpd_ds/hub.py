@@ -61,24 +61,27 @@ def check_push_possible(repo_id: str) -> None:
                        "nothing was exported") from None
 
 
-def _last_eval(run_dir: Path) -> dict[str, float]:
-    """The last evaluation's top-1 per model (student, dynamic_teacher, static_teacher, ...)."""
+def _last_eval(run_dir: Path) -> tuple[dict[str, float], int | None]:
+    """The last evaluation's top-1 per model (student, dynamic_teacher, static_teacher, ...), and the last step the
+    metrics record."""
     from gpd_ds.report import load_metrics
 
     out: dict[str, float] = {}
+    step = None
     for row in load_metrics(run_dir):
+        step = max(step or 0, row.get("step", 0))
         for key, value in row.items():
             parts = key.split("/")
             if len(parts) == 3 and parts[0] == "eval" and parts[2] == "top1" and parts[1] != "gap":
                 out[parts[1]] = value
-    return out
+    return out, step
 
 
 def model_card(record: dict, sidecar: dict, run_dir: Path) -> dict:
     """timm's model-card fields (``generate_readme``) from the run's record and the export's sidecar."""
     cfg = record["config"]
     m, o = cfg["model"], cfg["optim"]
-    last = _last_eval(run_dir)
+    last, trained = _last_eval(run_dir)
     teacher = (f"{m['static_teacher']} (frozen)" if m.get("static_teacher") else "none")
     dynamic = (f"the student widened {m['width_ratio']}x by inverse reparameterization"
                + (", multi-branch 3x3 convolutions" if m.get("branches") else "")
@@ -92,12 +95,13 @@ def model_card(record: dict, sidecar: dict, run_dir: Path) -> dict:
                         f"recipe `{cfg['recipe']}`, scenario {record.get('scenario')}",
         "Static teacher": teacher,
         "Dynamic teacher": dynamic,
-        "Training": f"{o['epochs']} epochs, {record.get('total_steps')} optimizer steps, global batch "
+        "Training": f"{_steps_trained(record, trained)}, global batch "
                     f"{record['ds_config'].get('train_batch_size')}, {o['optimizer']} lr {record.get('lr')}, "
                     f"{record.get('world_size')} ranks, seed {cfg['run']['seed']}",
         "Top-1 (last evaluation, %)": results or "no evaluation recorded",
-        "Exported weights": f"{sidecar.get('weights')} weights of step {sidecar.get('step')}, top-1 "
-                            f"{sidecar.get('top1')} at that evaluation",
+        "Exported weights": f"{sidecar.get('weights')} weights of step {sidecar.get('step')}"
+                            + (f", top-1 {sidecar['top1']:.2f} at that evaluation" if sidecar.get("top1") is not None
+                               else " (the newest checkpoint's, not evaluated as such)"),
         "Method": PAPER,
     }
     name = sidecar["model"]
@@ -109,6 +113,16 @@ def model_card(record: dict, sidecar: dict, run_dir: Path) -> dict:
     return {"description": f"{name} distilled by gpd_ds (Gap Preserving Distillation on DeepSpeed) from the run "
                            f"`{Path(run_dir).name}`.", "details": details, "usage": usage, "citation": CITATION,
             "license": "other", "tags": ["image-classification", "timm", "knowledge-distillation", "gpd_ds"]}
+
+
+def _steps_trained(record: dict, trained: int | None) -> str:
+    """What ran: the whole schedule, or the steps trained of it (a run stopped by run.max_steps or cut short)."""
+    epochs, total = record["config"]["optim"]["epochs"], record.get("total_steps")
+    if trained is None or total is None or trained >= total:
+        return f"{epochs} epochs, {total} optimizer steps"
+    limit = record["config"]["run"].get("max_steps")
+    why = f"stopped by run.max_steps={limit}" if limit is not None and trained >= limit else "the run ended early"
+    return f"{trained} of the schedule's {total} optimizer steps ({epochs} epochs; {why})"
 
 
 _GPD_DS_MODELS = ("cifar_resnet10", "cifar_resnet18", "mobilenetv1_relu")

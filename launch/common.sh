@@ -87,12 +87,30 @@ load_env() {  # export the env file's KEY=VALUE lines and mirror them to .deepsp
     fi
 }
 
-first_host() {
-    "$PYTHON" - "$1" <<'PY'
+hostfile_query() {  # hostfile_query FILE first|count: its first host or its number of nodes; a bad file: one line
+    "$PYTHON" - "$1" "$2" "$(basename "$0")" <<'PY'
 import sys
-from gpd_ds.cluster import parse_hostfile
-print(next(iter(parse_hostfile(sys.argv[1]))))
+from gpd_ds.cluster import PreflightError, parse_hostfile
+try:
+    hosts = parse_hostfile(sys.argv[1])
+except PreflightError as e:
+    print(f"{sys.argv[3]}: error: {e}", file=sys.stderr)
+    sys.exit(2)
+print(next(iter(hosts)) if sys.argv[2] == "first" else len(hosts))
 PY
+}
+
+first_host() {
+    hostfile_query "$1" first
+}
+
+check_node_rank() {  # NODE_RANK is a whole number below the hostfile's node count
+    local nodes
+    nodes="$(hostfile_query "$HOSTFILE" count)" || exit 2
+    case "$NODE_RANK" in
+        '' | *[!0-9]*) die "--node-rank '$NODE_RANK' is not a node index: use 0 .. $((nodes - 1))" ;;
+    esac
+    [ "$NODE_RANK" -lt "$nodes" ] || die "--node-rank $NODE_RANK is not in the hostfile's $nodes node(s): use 0 .. $((nodes - 1))"
 }
 
 train_args() {  # the arguments of launch/train.py, into the array TRAIN_ARGS

@@ -11,6 +11,7 @@ parse_args "$@"
 [ -n "$RUN_DIR" ] || die "--run-dir is required for multi-node jobs (a directory every node mounts)"
 load_env
 preflight
+check_node_rank
 MASTER_ADDR="${MASTER_ADDR:-$(first_host "$HOSTFILE")}"
 train_args
 run "$DEEPSPEED" --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" \

@@ -38,6 +38,7 @@ reduces once at the end, and fails when fewer than ``1 - max_bad_fraction`` of t
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import random
@@ -51,6 +52,7 @@ import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
@@ -249,7 +251,8 @@ def decode(sample: dict, num_classes: int, max_pixels: int = MAX_IMAGE_PIXELS) -
 
     torchvision (libjpeg-turbo) reads by content, so a PNG named .jpg is fine, and converts grayscale and CMYK
     to RGB; a truncated JPEG raises. An image over ``max_pixels`` (width x height, from its header) is refused
-    before anything is decoded."""
+    before anything is decoded. Of an animated image (GIF, APNG) the first frame is the sample, and only that
+    frame is decoded for a GIF, so the pixel limit covers what is decoded."""
     if "__bad__" in sample:
         raise BadSample(sample["__bad__"])
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
@@ -275,9 +278,21 @@ def decode(sample: dict, num_classes: int, max_pixels: int = MAX_IMAGE_PIXELS) -
         raise BadSample(f".{image_key} is {width}x{height} = {width * height:,} pixels, over "
                         f"data.max_image_pixels={max_pixels:,}")
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB), label
-    except (RuntimeError, ValueError) as e:
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            return _first_frame(data), label
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (OSError, RuntimeError, ValueError) as e:
         raise BadSample(f"cannot decode .{image_key}: {str(e).splitlines()[0][:200]}") from e
+    return (image[0] if image.ndim == 4 else image), label  # an animated image: its first frame
+
+
+def _first_frame(data: bytes) -> torch.Tensor:
+    """A GIF's first frame, the only one decoded (torchvision would decode every frame of an animated GIF; PIL's
+    ``Image.open(...).convert("RGB")``, which torchvision's and timm's folder datasets use, also takes the first)."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.seek(0)
+        rgb = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
 def _seed_everything(seed: int) -> None:

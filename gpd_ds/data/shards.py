@@ -242,9 +242,10 @@ def validate_index(index: object, where: str, error: type[Exception] = ShardWrit
     ``where`` (the file or URL it came from) and the field.
 
     Checked: a JSON object; ``classes``, if present, a list of distinct strings (and ``num_classes``, if also
-    present, its length); ``splits`` an object whose every entry is an object with ``filenames`` (list of
-    strings) and ``shard_lengths`` (list of non-negative integers) of the same length and ``num_samples`` their
-    sum. Other fields are left to their users (timm writes a few more).
+    present, its length); ``splits`` an object whose every entry is an object with ``filenames`` (distinct plain
+    file names: no directory, so nothing outside the dataset root is read) and ``shard_lengths`` (list of
+    non-negative integers) of the same length and ``num_samples`` their sum. Other fields are left to their users
+    (timm writes a few more).
     """
     if not isinstance(index, dict):
         raise error(f"{where} must hold a JSON object {{...}}, not a JSON {json_type(index)}; {_INDEX_FIX}")
@@ -288,6 +289,14 @@ def _check_split(entry: object, field_name: str, where: str, error: type[Excepti
     if not isinstance(lengths, list) or not all(_is_count(n) for n in lengths):
         raise error(f"{where}: field '{field_name}.shard_lengths' must be a list of sample counts (whole numbers "
                     f">= 0); {_INDEX_FIX}")
+    outside = [n for n in names if n in ("", ".", "..") or "/" in n or "\\" in n]
+    if outside:
+        raise error(f"{where}: field '{field_name}.filenames' names {outside[0]!r}, not a file beside the index "
+                    f"(shard names are plain file names, no directories); {_INDEX_FIX}")
+    twice = sorted(n for n, k in Counter(names).items() if k > 1)
+    if twice:
+        raise error(f"{where}: field '{field_name}.filenames' lists {_some(twice)} more than once (each shard would "
+                    f"be read, and counted, twice); {_INDEX_FIX}")
     if len(names) != len(lengths):
         raise error(f"{where}: field '{field_name}.filenames' lists {_plural(len(names), 'shard')} but "
                     f"'{field_name}.shard_lengths' has {_plural(len(lengths), 'count')}; {_INDEX_FIX}")

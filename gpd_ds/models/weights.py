@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,7 +33,7 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     except UnsafeFileError as e:
         raise WeightsError(f"{what} weights: {e}") from None
     except Exception as e:  # a corrupt or foreign file: say which, keep the cause
-        raise WeightsError(f"cannot read {what} weights {str(path)!r}: {type(e).__name__}: {e}") from e
+        raise WeightsError(f"cannot read {what} weights {str(path)!r}: {_why_unreadable(e)}") from e
     while isinstance(state, dict) and len(state) <= 4 and any(k in state for k in _WRAPPER_KEYS):
         state = state[next(k for k in _WRAPPER_KEYS if k in state)]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -38,6 +41,18 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
+
+
+def _why_unreadable(e: Exception) -> str:
+    """One line on why torch could not read a file. torch's weights-only refusal is a page that suggests
+    ``weights_only=False`` (running the file's code): only its own reason is kept."""
+    text = str(e)
+    detail = re.search(r"WeightsUnpickler error: \s*(.+)", text)
+    if isinstance(e, pickle.UnpicklingError) and detail:
+        return (f"it is not a file torch reads without running code (a plain pickle, or a torch file that pickles "
+                f"objects: {detail.group(1).strip()}); save the state dict alone where it was made: "
+                "torch.save(model.state_dict(), path), or safetensors")
+    return f"{type(e).__name__}: {text.strip().splitlines()[0][:300] if text.strip() else ''}"
 
 
 def load_weights(model: nn.Module, path: str | Path, what: str) -> None:
@@ -85,7 +100,8 @@ def convert_weights(src: str | Path, dst: str | Path, key: str | None = None) ->
     if not src.is_file():
         raise WeightsError(f"weights file {str(src)!r} does not exist")
     try:
-        with torch.serialization.safe_globals(_INERT_GLOBALS):
+        with torch.serialization.safe_globals(_INERT_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # the error says all
             checkpoint = load_torch_file(src)
     except UnsafeFileError as e:
         raise WeightsError(f"refusing to convert {str(src)!r}: it holds {e.offender}, and only tensors, plain data "
@@ -93,7 +109,7 @@ def convert_weights(src: str | Path, dst: str | Path, key: str | None = None) ->
                            "Save its state dict alone where it was made (torch.save(model.state_dict(), ...))"
                            ) from None
     except Exception as e:  # a corrupt or foreign file: say which, keep the cause
-        raise WeightsError(f"cannot read {str(src)!r}: {type(e).__name__}: {e}") from e
+        raise WeightsError(f"cannot read {str(src)!r}: {_why_unreadable(e)}") from e
     if not isinstance(checkpoint, dict):
         raise WeightsError(f"{str(src)!r} holds a {type(checkpoint).__name__}, not a dict of weights")
     if key is None:
