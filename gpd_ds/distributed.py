@@ -9,8 +9,9 @@ import io
 import os
 import random
 import socket
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -54,11 +55,12 @@ def init() -> DistInfo:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         remove_stale_shm_buffers()
+        clear_stale_build_lock()
     if not dist.is_initialized():
         # on a CPU this builds DeepSpeed's shared-memory op, which prints a success line from every rank: rank 0's
         # is enough (a failure raises, on every rank)
         quiet = contextlib.redirect_stdout(io.StringIO()) if os.environ["RANK"] != "0" else contextlib.nullcontext()
-        with quiet:
+        with quiet, _port_in_use_is_one_line(), _named_while_waiting():
             deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                        timeout=COLLECTIVE_TIMEOUT)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -71,6 +73,23 @@ def init() -> DistInfo:
         device = torch.device(accelerator.device_name(local_rank))
     _make_control_group()
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+class PortInUseError(UserInputError, RuntimeError):
+    """The job's rendezvous port (MASTER_PORT) is taken, usually by another job on the same host."""
+
+
+@contextlib.contextmanager
+def _port_in_use_is_one_line() -> Iterator[None]:
+    try:
+        yield
+    except torch.distributed.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
+            raise
+        addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+        raise PortInUseError(f"the rendezvous port {port} on {addr} is in use (another job on this host?): give "
+                             "each job on a host its own port, e.g. deepspeed --master_port 29600 launch/train.py "
+                             "... (or MASTER_PORT=29600 without the launcher)") from None
 
 
 _CONTROL_GROUP: list = []  # the CPU process group of small control messages (set by init)
@@ -128,6 +147,68 @@ def remove_stale_shm_buffers(min_age_s: float = 30.0) -> list[Path]:
                 path.unlink()
                 removed.append(path)
     return removed
+
+
+SHM_OP = "deepspeed_shm_comm"  # the CPU communication op DeepSpeed builds (torch.utils.cpp_extension) on first use
+
+
+def _build_lock(name: str = SHM_OP) -> Path:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(name, verbose=False)) / "lock"
+
+
+def _building(directory: Path) -> bool:
+    """Whether a live process works in ``directory`` (torch runs ninja and the compiler there)."""
+    import psutil
+
+    for proc in psutil.process_iter(["cwd"]):
+        cwd = proc.info.get("cwd")
+        if cwd and Path(cwd).is_relative_to(directory):
+            return True
+    return False
+
+
+def clear_stale_build_lock(name: str = SHM_OP, min_age_s: float = 60.0) -> Path | None:
+    """Remove the build lock of DeepSpeed's CPU op that a build killed half-way left (torch waits on it forever,
+    silently): older than ``min_age_s`` with no process building in its directory. Returns the lock removed."""
+    lock = _build_lock(name)
+    with contextlib.suppress(FileNotFoundError):
+        age = time.time() - lock.stat().st_mtime
+        if age > min_age_s and not _building(lock.parent):
+            lock.unlink()
+            print(f"gpd_ds: removed a stale build lock {lock} ({age / 60:.1f} min old, no build running: a build "
+                  "killed half-way leaves it); the op is built again", file=sys.stderr, flush=True)
+            return lock
+    return None
+
+
+@contextlib.contextmanager
+def _named_while_waiting(after_s: float = 10.0, every_s: float = 30.0) -> Iterator[None]:
+    """While the block runs (DeepSpeed's start: the op build, the rendezvous), say after ``after_s`` and then every
+    ``every_s`` what it waits on, so that a wait never looks like a silent hang."""
+    import threading
+
+    done = threading.Event()
+    start = time.time()
+
+    def report() -> None:
+        wait = after_s
+        while not done.wait(wait):
+            lock = _build_lock()
+            what = (f"DeepSpeed's CPU op build (lock {lock}; if no build runs, a killed one left it: remove it)"
+                    if lock.exists() else f"the rendezvous of {os.environ.get('WORLD_SIZE', '?')} ranks at "
+                    f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}")
+            print(f"gpd_ds rank {os.environ.get('RANK', '?')}: waiting {time.time() - start:.0f} s for {what}",
+                  file=sys.stderr, flush=True)  # stderr: the start-up silences other ranks' stdout
+            wait = every_s
+
+    thread = threading.Thread(target=report, daemon=True, name="gpd_ds-start-watch")
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def on_all_ranks(fn: Callable[[], T], what: str) -> T:
