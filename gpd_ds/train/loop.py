@@ -30,6 +30,7 @@ from gpd_ds.engine import resident_parameters
 from gpd_ds.losses import LossOutput
 from gpd_ds.preemption import EXIT_PREEMPTED, Preempted, StopRequest, describe
 from gpd_ds.progress import Progress
+from gpd_ds.run_lock import RunDirInUseError, RunDirLock
 from gpd_ds.tracking import Tracker, rewind_metrics
 from gpd_ds.train.checkpointer import Checkpointer
 from gpd_ds.train.components import Components, build_components
@@ -261,8 +262,34 @@ def train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: D
           stop: StopRequest | None = None) -> RunResult:
     """Train ``cfg`` to the end (or ``run.max_steps``); checkpoints, evaluations and the export go to ``run_dir``.
     ``resume``: auto, none or a path (see :mod:`gpd_ds.checkpoint` for the rules); ``stop``: the process's
-    installed stop request (raises :class:`Preempted` after saving when it fires)."""
+    installed stop request (raises :class:`Preempted` after saving when it fires). The run holds ``run_dir``'s lock
+    (:mod:`gpd_ds.run_lock`) from here to its end: a second live run there stops before touching it."""
     cfg.validate()
+    lock = _lock_run_dir(run_dir, info)
+    try:
+        return _train(cfg, ds_config, run_dir, resume, info, overwrite, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run_dir(run_dir: Path, info: DistInfo) -> RunDirLock | None:
+    """Rank 0 takes the lock; every rank stops with its holder's description if it cannot."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock, error = (RunDirLock(run_dir) if info.is_main else None), None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunDirInUseError as e:
+            error = str(e)
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise RunDirInUseError(error)
+    return lock
+
+
+def _train(cfg: TrainConfig, ds_config: dict, run_dir: Path, resume: str, info: DistInfo, overwrite: bool,
+           stop: StopRequest | None) -> RunResult:
     _prepare(run_dir, resume, overwrite, cfg.run, info)
     c = build_components(cfg, ds_config, info)
     ckpt_root = run_dir / "checkpoints"
