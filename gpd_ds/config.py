@@ -473,10 +473,10 @@ def _cross_field_rows(cfg: TrainConfig) -> list[tuple[bool, str, Any, str]]:
          f"within optim.epochs={o.epochs}; lower them or raise optim.epochs"),
         (o.optimizer != "sgd" or not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov,
          "Nesterov SGD needs optim.momentum > 0"),
-        (o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"use a floor at most optim.lr={o.lr} (the schedule decays "
-         "from optim.lr down to it)"),
-        (o.warmup_lr <= o.lr, "optim.warmup_lr", o.warmup_lr, f"use a start at most optim.lr={o.lr} (the warm-up "
-         "rises from it to optim.lr)"),
+        (o.schedule != "cosine" or o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"use a floor at most "
+         f"optim.lr={o.lr} (the cosine schedule decays from optim.lr down to it)"),
+        (o.warmup_epochs == 0 or o.warmup_lr <= o.lr, "optim.warmup_lr", o.warmup_lr, f"use a start at most "
+         f"optim.lr={o.lr} (the warm-up rises from it to optim.lr)"),
         (cfg.data.repeated_aug == 1 or not cfg.data.in_memory, "data.repeated_aug", cfg.data.repeated_aug,
          "repeated augmentation is a mode of the streaming loader: set data.in_memory=false, or data.repeated_aug=1"),
     ]

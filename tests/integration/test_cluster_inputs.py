@@ -79,7 +79,7 @@ def test_an_index_that_names_a_file_outside_the_root_is_refused(tmp_path: Path, 
 @pytest.mark.parametrize(("override", "message"), [
     ("data.root= ", "data.root='' is invalid: use the shards root"),
     ("data.root=", "data.root='' is invalid: use the shards root"),
-    ("optim.min_lr=0.5", "optim.min_lr=0.5 is invalid: use a floor at most optim.lr=0.1"),
+    ("optim.min_lr=0.5", "optim.min_lr=0.5 is invalid: use a floor at most optim.lr=0.1 (the cosine schedule"),
     ("optim.warmup_lr=0.2", "optim.warmup_lr=0.2 is invalid: use a start at most optim.lr=0.1"),
     ("data.augment.auto_augment=rand-zz", "data.augment.auto_augment='rand-zz' is invalid: timm ignores the section "
                                           "'zz'"),

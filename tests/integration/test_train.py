@@ -252,7 +252,8 @@ def test_elastic_resume_on_fewer_ranks_keeps_the_weights(workspace: Path) -> Non
     run = workspace / "elastic"
     args = ["--run-dir", str(run), *_scratch(workspace)]
     check(launch(workspace, 2, [*args, "--set", "run.max_steps=6"]))
-    check(launch(workspace, 1, [*args, "--set", "run.max_steps=7", "--set", "optim.lr=1e-12"]))
+    check(launch(workspace, 1, [*args, "--set", "run.max_steps=7", "--set", "optim.lr=1e-12", "--set",
+                                "optim.min_lr=0"]))  # a cosine floor above the lr is refused now
     log = (run / "logs" / "rank0.log").read_text()
     assert "was written by 2 ranks and this job has 1" in log
     assert "now draws from a new RNG seeded from (run.seed, step 6, rank)" in log  # not rank 0's copy
