@@ -29,6 +29,8 @@ rank 0 saves, as tensors, numbers and strings only.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -38,7 +40,7 @@ import shutil
 import time
 import uuid
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ from safetensors.torch import save_file
 
 from gpd_ds.distributed import DistInfo, all_gather_object, broadcast_object
 from gpd_ds.errors import UserInputError, json_type
+from gpd_ds.reshard import reshard
 from gpd_ds.safeload import UnsafeFileError, is_unsafe, load_file, safe_loading, scan_file
 
 log = logging.getLogger(__name__)
@@ -406,22 +409,46 @@ class Resumed:
     client: dict
 
 
-def _load(engine, marker: Marker, world_size: int) -> dict | None:
-    """Load one checkpoint. Written by another number of ranks, it loads the weights, EMA, schedule and step but
-    not the optimizer state: ZeRO's optimizer partitions cannot be re-sharded, so SGD momentum / Adam moments
-    restart (a warning says so)."""
-    elastic = marker.world_size is not None and marker.world_size != world_size
-    if elastic:
-        log.warning("checkpoint %s was written by %d ranks and this job has %d: resuming the weights, EMA, schedule "
-                    "and step; the optimizer state (momentum) restarts", marker.path, marker.world_size, world_size)
-    with safe_loading():
+@contextlib.contextmanager
+def _zero3_elastic(engine, tag: str) -> Iterator[None]:
+    """Two gaps of DeepSpeed 0.19.8's ZeRO-3 load without the optimizer state (what an elastic resume asks), filled
+    for the duration of the load: it consolidates the weights with ``get_fp32_state_dict_from_zero_checkpoint
+    (load_dir)``, dropping the tag (it reads the ``latest`` file, which gpd_ds does not write: the completion marker
+    decides), and a rank that did not exist when the checkpoint was written finds no model states file of its own.
+    ZeRO-3 model states hold no per-rank tensors (the weights come from the consolidation), so such a rank reads
+    rank 0's."""
+    import deepspeed.runtime.engine as ds_engine
+
+    consolidate, names = ds_engine.get_fp32_state_dict_from_zero_checkpoint, engine._get_all_ckpt_names
+
+    def names_or_rank0(path: str, tag_: str) -> list[str]:
+        own = names(path, tag_)
+        return own or sorted(str(p) for p in Path(path, tag_).glob("zero_pp_rank_0_mp_rank_*_model_states.pt"))
+
+    ds_engine.get_fp32_state_dict_from_zero_checkpoint = functools.partial(consolidate, tag=tag)
+    engine._get_all_ckpt_names = names_or_rank0
+    try:
+        yield
+    finally:
+        ds_engine.get_fp32_state_dict_from_zero_checkpoint = consolidate
+        del engine._get_all_ckpt_names  # the class's method again
+
+
+def _load(engine, marker: Marker, info: DistInfo) -> dict | None:
+    """Load one checkpoint. Written by another number of ranks (elastic resume), DeepSpeed loads the weights,
+    schedule and step, and :mod:`gpd_ds.reshard` re-partitions the fp32 master weights and the optimizer state
+    (momentum, Adam moments) for this job's ranks: the optimizer continues where it stopped."""
+    elastic = bool(engine.zero_optimization()) and marker.world_size not in (None, info.world_size)
+    partitioned = elastic and engine.zero_optimization_partition_weights()
+    with safe_loading(), (_zero3_elastic(engine, marker.path.name) if partitioned else contextlib.nullcontext()):
         load_path, client = engine.load_checkpoint(str(marker.path.parent), tag=marker.path.name,
                                                    load_module_strict=True, load_optimizer_states=not elastic,
                                                    load_lr_scheduler_states=True)
-    if elastic and load_path is not None and hasattr(engine.optimizer, "refresh_fp32_params"):
-        # where the ZeRO optimizer keeps its own fp32 copy (DeepSpeed's fp16/bf16 blocks), it must follow the
-        # loaded weights; with torch_autocast's fp32 parameters this is a no-op
-        engine.optimizer.refresh_fp32_params()
+    if elastic and load_path is not None:
+        summary = reshard(engine, marker.path, info.rank, info.world_size)
+        if info.is_main:
+            log.info("checkpoint %s was written by %d ranks and this job has %d: optimizer state re-sharded (%s)",
+                     marker.path, marker.world_size, info.world_size, summary)
     return client if load_path is not None else None
 
 
@@ -453,7 +480,7 @@ def _try_load(engine, marker: Marker, info: DistInfo) -> tuple[dict | None, tupl
     if problems:
         return None, _worst(problems)
     try:
-        client = _load(engine, marker, info.world_size)
+        client = _load(engine, marker, info)
     except Exception as e:  # every rank must report, or the others wait in the next collective
         problem = _problem(e)
         if problem[0] == "incompatible":

@@ -56,9 +56,10 @@ def init() -> DistInfo:
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         remove_stale_shm_buffers()
         clear_stale_build_lock()
+    skip_cpu_comm_op()
     if not dist.is_initialized():
-        # on a CPU this builds DeepSpeed's shared-memory op, which prints a success line from every rank: rank 0's
-        # is enough (a failure raises, on every rank)
+        # where DeepSpeed builds its CPU op (GPD_DS_CPU_SHM_OP=1), each rank prints a success line: rank 0's is
+        # enough (a failure raises, on every rank)
         quiet = contextlib.redirect_stdout(io.StringIO()) if os.environ["RANK"] != "0" else contextlib.nullcontext()
         with quiet, _port_in_use_is_one_line(), _named_while_waiting():
             deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
@@ -150,12 +151,36 @@ def remove_stale_shm_buffers(min_age_s: float = 30.0) -> list[Path]:
 
 
 SHM_OP = "deepspeed_shm_comm"  # the CPU communication op DeepSpeed builds (torch.utils.cpp_extension) on first use
+SHM_OP_SWITCH = "GPD_DS_CPU_SHM_OP"
+
+
+def skip_cpu_comm_op() -> None:
+    """On CPUs, do not let DeepSpeed build its shared-memory communication op (unless ``GPD_DS_CPU_SHM_OP=1``).
+
+    Only DeepSpeed's *inference* all-reduce uses it; training's collectives (ZeRO's reduce-scatter, all-gather,
+    all-reduce) go to the process group (gloo) either way. Measured (bench/cpu_comm_op.py, BENCHMARKS.md): 2-rank
+    steps as fast without it, and no compile (~40 s per environment), no build lock, no build output on every
+    start. The switch stays for measuring it again."""
+    if get_accelerator().device_name() != "cpu" or os.environ.get(SHM_OP_SWITCH) == "1":
+        return
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def _build_lock(name: str = SHM_OP) -> Path:
     from torch.utils.cpp_extension import _get_build_directory
 
     return Path(_get_build_directory(name, verbose=False)) / "lock"
+
+
+def _lock_file_blocks() -> bool:
+    """Whether torch waits on the build lock file's mere existence (its ``FileBaton``, torch < 2.14), which a
+    killed build leaves behind. torch 2.14 holds an OS lock on it instead (``FileLock``): the kernel releases that
+    when the holder dies, and the file left on disk blocks nothing."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    return hasattr(cpp_extension, "FileBaton") and not hasattr(cpp_extension, "FileLock")
 
 
 def _building(directory: Path) -> bool:
@@ -169,9 +194,28 @@ def _building(directory: Path) -> bool:
     return False
 
 
+def build_in_progress(lock: Path) -> bool:
+    """Whether a process holds the op's build lock now."""
+    if _lock_file_blocks():
+        return lock.exists()
+    import fcntl
+
+    try:
+        with open(lock, "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with the file
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False
+
+
 def clear_stale_build_lock(name: str = SHM_OP, min_age_s: float = 60.0) -> Path | None:
-    """Remove the build lock of DeepSpeed's CPU op that a build killed half-way left (torch waits on it forever,
-    silently): older than ``min_age_s`` with no process building in its directory. Returns the lock removed."""
+    """Under a torch whose build lock blocks by existing (see :func:`_lock_file_blocks`), remove the lock of
+    DeepSpeed's CPU op that a build killed half-way left (torch would wait on it forever, silently): older than
+    ``min_age_s`` with no process building in its directory. Returns the lock removed."""
+    if not _lock_file_blocks():
+        return None  # an OS lock: a dead builder's is released already; removing the file could race a live one
     lock = _build_lock(name)
     with contextlib.suppress(FileNotFoundError):
         age = time.time() - lock.stat().st_mtime
@@ -196,8 +240,8 @@ def _named_while_waiting(after_s: float = 10.0, every_s: float = 30.0) -> Iterat
         wait = after_s
         while not done.wait(wait):
             lock = _build_lock()
-            what = (f"DeepSpeed's CPU op build (lock {lock}; if no build runs, a killed one left it: remove it)"
-                    if lock.exists() else f"the rendezvous of {os.environ.get('WORLD_SIZE', '?')} ranks at "
+            what = (f"DeepSpeed's CPU op build (lock {lock})" if build_in_progress(lock) else
+                    f"the rendezvous of {os.environ.get('WORLD_SIZE', '?')} ranks at "
                     f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}")
             print(f"gpd_ds rank {os.environ.get('RANK', '?')}: waiting {time.time() - start:.0f} s for {what}",
                   file=sys.stderr, flush=True)  # stderr: the start-up silences other ranks' stdout

@@ -47,16 +47,31 @@ def allowed_globals() -> tuple:
             np.ndarray, np.dtype, type(np.dtype(np.uint32)))
 
 
+_depth = 0  # how many safe_loading() blocks are open
+
+
 @contextlib.contextmanager
 def safe_loading() -> Iterator[None]:
     """Inside, every ``torch.load`` is weights-only, a caller's ``weights_only=False`` included (torch's own
-    environment switch overrides it), with :func:`allowed_globals` allowed."""
+    environment switch overrides it), with :func:`allowed_globals` allowed. Re-entrant: torch's allow-list context
+    removes its globals on exit, so only the outermost one enters it (a nested exit emptied the outer one's list,
+    and DeepSpeed's ZeRO-3 weight consolidation, which runs after a nested load, was refused)."""
+    global _depth
+    if _depth:
+        _depth += 1
+        try:
+            yield
+        finally:
+            _depth -= 1
+        return
+    _depth = 1
     previous = os.environ.get(_FORCE)
     os.environ[_FORCE] = "1"
     try:
         with torch.serialization.safe_globals(list(allowed_globals())):
             yield
     finally:
+        _depth = 0
         if previous is None:
             os.environ.pop(_FORCE, None)
         else:

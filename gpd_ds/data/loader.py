@@ -384,6 +384,23 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
+@dataclass(frozen=True)
+class Remainder:
+    """The rest of an epoch that was interrupted under another topology (elastic resume).
+
+    The old slots' unread samples (each old slot's first pass from where it stopped: ``positions[rank][worker]``
+    emissions consumed) are concatenated in slot order and cut into one contiguous block per new slot, so each
+    sample not read before the change is read at most once after it, and each new reader reads only the old
+    slots its block overlaps. Every new rank makes the batches the epoch still needs (``batches_per_epoch -
+    first_batch``); a block that holds fewer samples than its worker's quota continues from its own start (a warning
+    counts the repeats; it takes a new topology whose epoch reads more samples than the old one's left unread)."""
+
+    world: int  # the old topology
+    workers: int
+    positions: list[list[int]]
+    first_batch: int  # the epoch's batch (per rank) where the remainder starts
+
+
 class TrainShards(IterableDataset):
     """The per-worker train stream (see the module docstring). Use :class:`TrainLoader`."""
 
@@ -396,6 +413,7 @@ class TrainShards(IterableDataset):
         self.max_bad_fraction, self.max_pixels = max_bad_fraction, max_pixels
         self.epoch, self.start_batch = 0, 0
         self.start_positions, self.start_bad = [0] * self.workers, [0] * self.workers
+        self.remainder: Remainder | None = None
 
     @property
     def batches_per_epoch(self) -> int:
@@ -405,19 +423,22 @@ class TrainShards(IterableDataset):
         smallest_share = sum(sorted(self.shards.lengths)[:per_slot])
         return self.workers * (smallest_share // self.batch_size)
 
-    def _own_shards(self, rank: int, worker: int) -> list[tuple[str, int]]:
+    def _own_shards(self, rank: int, worker: int, world: int | None = None, workers: int | None = None
+                    ) -> list[tuple[str, int]]:
+        """The shards of slot (``rank``, ``worker``) this epoch, under this topology or (``world``, ``workers``)."""
+        world, workers = world or self.world_size, workers or self.workers
         order = list(zip(self.shards.urls, self.shards.lengths, strict=True))
         random.Random(_mix(self.seed, self.epoch)).shuffle(order)
-        slot, slots = rank * self.workers + worker, self.world_size * self.workers
-        return order[slot::slots]
+        return order[rank * workers + worker::world * workers]
 
-    def _emissions(self, rank: int, worker: int) -> Iterator[dict]:
+    def _emissions(self, rank: int, worker: int, world: int | None = None, workers: int | None = None
+                   ) -> Iterator[dict]:
         """Raw samples of the shards of slot (``rank``, ``worker``) through the shuffle buffer, pass after pass.
 
         The buffer is flushed at the end of each pass, so a pass emits each of its samples exactly once; a
         second pass only happens when the worker's quota needs more samples than its shards hold. The order
         depends on the slot alone, so every rank that reads a slot (repeated augmentation) reads the same."""
-        own = self._own_shards(rank, worker)
+        own = self._own_shards(rank, worker, world, workers)
         rng = random.Random(_mix(self.seed, self.epoch, rank, worker, 1))
         for passes in range(1000):
             buffer: list[dict] = []
@@ -459,6 +480,30 @@ class TrainShards(IterableDataset):
             sources[source] = (stream, at, sample)
             yield sample
 
+    def _remainder_stream(self, worker: int) -> Iterator[dict]:
+        """This rank's ``worker``'s block of the :class:`Remainder` (see there), then the block again."""
+        plan = self.remainder
+        old_slots = [(r, w) for r in range(plan.world) for w in range(plan.workers)]
+        unread = [max(0, sum(n for _, n in self._own_shards(r, w, plan.world, plan.workers)) - plan.positions[r][w])
+                  for r, w in old_slots]
+        total, slot, slots = sum(unread), self.rank * self.workers + worker, self.world_size * self.workers
+        begin, end = slot * total // slots, (slot + 1) * total // slots
+        for passes in itertools.count():
+            if passes == 1:
+                log.warning("rank %d worker %d: the rest of epoch %d holds %d unread samples for %d readers; this "
+                            "reader's block of %d is read again to fill its batches", self.rank, worker, self.epoch,
+                            total, slots, end - begin)
+            if end == begin:
+                raise DataError(f"rank {self.rank} worker {worker}: no unread samples left in epoch {self.epoch}")
+            offset = 0
+            for (r, w), n in zip(old_slots, unread, strict=True):
+                lo, hi = max(begin, offset), min(end, offset + n)
+                if lo < hi:  # skip what the old reader consumed and what precedes this block, then take the overlap
+                    emissions = self._emissions(r, w, plan.world, plan.workers)
+                    skip = plan.positions[r][w] + lo - offset
+                    yield from itertools.islice(emissions, skip, skip + hi - lo)
+                offset += n
+
     def __iter__(self) -> Iterator[Batch | LoaderFailure]:
         return _failures_as_items(self._batches())
 
@@ -466,19 +511,23 @@ class TrainShards(IterableDataset):
         physical, num_workers = _worker()
         if num_workers != self.workers:
             raise DataError(f"TrainShards was built for {self.workers} workers but runs in {num_workers}")
-        # Batch b of the epoch comes from logical worker b % W. The DataLoader always asks physical worker 0
-        # first, so after resuming at batch k physical worker p plays logical worker (p + k) % W.
-        worker = (physical + self.start_batch) % self.workers
-        quota = self.batches_per_epoch // self.workers
-        done = max(0, (self.start_batch - worker + self.workers - 1) // self.workers)
+        # Batch b of the epoch (of its remainder, after an elastic resume) comes from logical worker b % W. The
+        # DataLoader always asks physical worker 0 first, so after resuming at batch k physical worker p plays
+        # logical worker (p + k) % W.
+        first = self.remainder.first_batch if self.remainder else 0
+        batches, done_batches = self.batches_per_epoch - first, self.start_batch - first
+        worker = (physical + done_batches) % self.workers
+        quota = max(0, (batches - worker + self.workers - 1) // self.workers)
+        done = max(0, (done_batches - worker + self.workers - 1) // self.workers)
         if done >= quota:
             return
         start = self.start_positions[worker]
         counter = BadRate(self.max_bad_fraction, f"rank {self.rank} worker {worker}", start, self.start_bad[worker])
-        base = _mix(self.seed, self.epoch, self.rank, worker, 2)
+        base = _mix(self.seed, self.epoch, self.rank, worker, 2 if self.remainder is None else 4)
         num_classes = len(self.shards.classes)
         images, labels, keys = [], [], []
-        for position, sample in enumerate(self._stream(worker)):
+        stream = self._stream(worker) if self.remainder is None else self._remainder_stream(worker)
+        for position, sample in enumerate(stream):
             if position < start:
                 continue
             try:
@@ -536,6 +585,7 @@ class TrainLoader:
             self.epoch, self.batch = epoch, 0
             self.positions = [0] * len(self.positions)
             self.bad = [0] * len(self.bad)
+            self.dataset.remainder = None
 
     def __iter__(self) -> Iterator[Batch]:
         ds = self.dataset
@@ -566,23 +616,46 @@ class TrainLoader:
 
     def state_dict(self) -> dict:
         """Where this rank's data stream stands (save it with the checkpoint)."""
+        plan = self.dataset.remainder
         return {"epoch": self.epoch, "batch": self.batch, "positions": list(self.positions), "bad": list(self.bad),
-                "topology": self._topology()}
+                "topology": self._topology(), "remainder": None if plan is None else vars(plan)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position. With the same ranks, workers, batch size, seed and data it is exact;
-        otherwise the epoch resumes after the same number of batches (approximately the same samples)."""
+        """Continue from a position this topology saved (same ranks, workers, batch size, seed and data): exact.
+        Otherwise the epoch resumes after the same number of batches, approximately; with every rank's saved state,
+        :meth:`resume_elastic` is exact."""
         ds = self.dataset
         self.epoch, self.batch = state["epoch"], state["batch"]
         saved = state["topology"] + [1] * (len(self._topology()) - len(state["topology"]))  # before repeated_aug
         if saved == self._topology():
             self.positions, self.bad = list(state["positions"]), list(state["bad"])
+            ds.remainder = Remainder(**state["remainder"]) if state.get("remainder") else None
             return
         log.warning("data topology changed since the checkpoint (%s -> %s); resuming epoch %d after batch %d "
                     "approximately", state["topology"], self._topology(), self.epoch, self.batch)
         self.positions = [((self.batch - w + ds.workers - 1) // ds.workers) * ds.batch_size
                           for w in range(ds.workers)]
         self.bad = [0] * ds.workers
+
+    def resume_elastic(self, states: list[dict]) -> None:
+        """Continue the epoch that every old rank's ``states`` describe, under this (other) topology: the samples
+        the old ranks did not read are split over the new ranks (:class:`Remainder`), so across the change every
+        sample of the epoch is read at most once and each rank makes the same number of batches. Exact when the
+        data, seed and epoch agree and no repeated augmentation runs (its copies follow the old ranks); otherwise
+        approximate, as :meth:`load_state_dict`, with a warning."""
+        ds, first = self.dataset, states[0]
+        old = first["topology"] + [1] * (len(self._topology()) - len(first["topology"]))
+        exact = (old[3:] == self._topology()[3:] and ds.repeats == 1 and old[1] == len(first["positions"])
+                 and all(s["epoch"] == first["epoch"] and s["batch"] == first["batch"] and not s.get("remainder")
+                         for s in states))
+        if not exact:
+            self.load_state_dict(first)
+            return
+        self.epoch, self.batch = first["epoch"], first["batch"]
+        self.positions, self.bad = [0] * ds.workers, [0] * ds.workers
+        ds.remainder = Remainder(old[0], old[1], [list(s["positions"]) for s in states], self.batch)
+        log.info("epoch %d continues after batch %d with the %d old ranks' unread samples split over %d ranks x %d "
+                 "workers (each read once)", self.epoch, self.batch, old[0], ds.world_size, ds.workers)
 
 
 class EvalShards(IterableDataset):

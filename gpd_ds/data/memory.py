@@ -120,6 +120,7 @@ class MemoryTrainLoader:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.transform, self.num_workers, self.seed = transform, num_workers, seed
         self.epoch, self.batch = 0, 0
+        self.rest: dict | None = None  # after an elastic resume: the epoch's unread samples ({first_batch, order})
         if len(self) == 0:
             raise DataError(f"{len(self.images)} samples make no full batch of {batch_size} on each of "
                             f"{world_size} ranks; lower optim.global_batch_size")
@@ -129,12 +130,24 @@ class MemoryTrainLoader:
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self.batch = epoch, 0
+            self.epoch, self.batch, self.rest = epoch, 0, None
 
-    def _order(self) -> list[int]:
+    def _permutation(self) -> list[int]:
         order = list(range(len(self.images)))
         random.Random(_mix(self.seed, self.epoch)).shuffle(order)
-        return order[self.rank::self.world_size][:len(self) * self.batch_size]
+        return order
+
+    def _order(self) -> list[int]:
+        """This rank's samples of the epoch, batch after batch (before an elastic resume's first batch: unused)."""
+        if self.rest is None:
+            return self._permutation()[self.rank::self.world_size][:len(self) * self.batch_size]
+        first, need = self.rest["first_batch"], (len(self) - self.rest["first_batch"]) * self.batch_size
+        mine = self.rest["order"][self.rank::self.world_size]
+        if len(mine) < need:
+            log.warning("rank %d: the rest of epoch %d holds %d unread samples for this rank's %d; %d are read again",
+                        self.rank, self.epoch, len(mine), need, need - len(mine))
+            mine = (mine * (need // max(1, len(mine)) + 1)) if mine else mine
+        return [-1] * (first * self.batch_size) + mine[:need]
 
     def __iter__(self) -> Iterator[Batch]:
         if self.batch >= len(self):
@@ -148,14 +161,33 @@ class MemoryTrainLoader:
             yield batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch,
+        return {"epoch": self.epoch, "batch": self.batch, "rest": self.rest,
                 "topology": [self.world_size, self.batch_size, self.seed, len(self.images)]}
+
+    def resume_elastic(self, states: list[dict]) -> None:
+        """Continue the epoch every old rank's ``states`` describe under this (other) number of ranks: the samples
+        of the epoch's permutation that no old rank read are dealt to the new ranks, so across the change each is
+        read at most once and every rank makes the same number of batches. Exact when seed, data and epoch agree;
+        otherwise approximate, as :meth:`load_state_dict`."""
+        first = states[0]
+        old_world, old_batch = first["topology"][:2]
+        if (first["topology"][2:] != [self.seed, len(self.images)] or len(states) != old_world
+                or any(s["epoch"] != first["epoch"] or s["batch"] != first["batch"] or s.get("rest") for s in states)):
+            self.load_state_dict(first)
+            return
+        self.epoch, self.batch = first["epoch"], first["batch"]
+        order = self._permutation()
+        read = {i for r in range(old_world) for i in order[r::old_world][:self.batch * old_batch]}
+        self.rest = {"first_batch": self.batch, "order": [i for i in order if i not in read]}
+        log.info("epoch %d continues after batch %d with the %d samples %d old ranks did not read, dealt to %d ranks",
+                 self.epoch, self.batch, len(self.rest["order"]), old_world, self.world_size)
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position: exact with the same ranks, batch size, seed and data; otherwise the
         epoch resumes after the same number of batches (with this topology's permutation)."""
         self.epoch, self.batch = state["epoch"], state["batch"]
         topology = [self.world_size, self.batch_size, self.seed, len(self.images)]
+        self.rest = state.get("rest") if state.get("topology") == topology else None
         if state.get("topology") != topology:
             log.warning("data topology changed since the checkpoint (%s -> %s); resuming epoch %d after batch %d "
                         "approximately", state.get("topology"), topology, self.epoch, self.batch)

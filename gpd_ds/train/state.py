@@ -89,8 +89,9 @@ def upgrade_client_state(client: dict) -> dict[str, Any]:
 
 class RankPositions:
     """Every rank's data position and RNG state (gathered to rank 0 when saved). After a change of world size
-    (elastic resume) every rank takes rank 0's data position (the loader re-splits it approximately) and a fresh RNG
-    seeded from (run seed, step, rank) (:func:`gpd_ds.distributed.seed_for_new_rank`), so ranks do not draw alike."""
+    (elastic resume) the loader continues the epoch from every old rank's position (``resume_elastic``: the samples
+    no old rank read, each once) and every rank draws from a fresh RNG seeded from (run seed, step, rank)
+    (:func:`gpd_ds.distributed.seed_for_new_rank`), so ranks do not draw alike."""
 
     def __init__(self, loader, seed: int, step: Callable[[], int], info: DistInfo) -> None:
         self.loader, self.seed, self.step, self.info = loader, seed, step, info
@@ -105,7 +106,7 @@ class RankPositions:
             distributed.set_rng_state(ranks[info.rank]["rng"])
             return
         step = self.step()
-        self.loader.load_state_dict(ranks[0]["data"])
+        self.loader.resume_elastic([r["data"] for r in ranks])
         distributed.seed_all(distributed.seed_for_new_rank(self.seed, step, info.rank))
         if info.is_main:
             log.info("the checkpoint was written by %d ranks: each of the %d ranks now draws from a new RNG seeded "

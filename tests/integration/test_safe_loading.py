@@ -206,3 +206,20 @@ def test_a_normal_checkpoint_of_each_zero_stage_resumes(workspace: Path, stage: 
     check(single(workspace, _args(workspace, run, **{"run.max_steps": 5}), ds_config=ds))
     check(single(workspace, _args(workspace, run, **{"run.max_steps": 7}), ds_config=ds))
     assert f"resumed from {run}/checkpoints/step000000005" in (run / "logs" / "rank0.log").read_text()
+
+
+def test_a_nested_safe_loading_keeps_the_outer_allow_list(tmp_path: Path) -> None:
+    """DeepSpeed's ZeRO-3 consolidation loads optimizer shards after a nested load has returned."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from gpd_ds.safeload import safe_loading
+
+    path = tmp_path / "shard.pt"
+    torch.save({"zero_stage": ZeroStageEnum.weights}, path)
+    with safe_loading():
+        with safe_loading():
+            assert torch.load(path, weights_only=False)["zero_stage"] == ZeroStageEnum.weights
+        assert torch.load(path, weights_only=False)["zero_stage"] == ZeroStageEnum.weights  # still allowed
+        torch.save({"f": print}, tmp_path / "evil.pt")
+        with pytest.raises(Exception, match="GLOBAL"):
+            torch.load(tmp_path / "evil.pt", weights_only=False)  # and still weights-only

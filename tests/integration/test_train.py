@@ -247,15 +247,19 @@ def test_readme_main_command_runs_the_demo(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_elastic_resume_on_fewer_ranks_keeps_the_weights(workspace: Path) -> None:
-    """2 ranks write the checkpoint, 1 rank resumes: weights, EMA, step and schedule come back; momentum restarts.
-    With a ~0 lr the next checkpoint must hold the loaded weights."""
+    """2 ranks write the checkpoint, 1 rank resumes through the train command: weights, EMA, step, schedule and the
+    optimizer state (re-sharded: test_elastic_resume.py checks it tensor by tensor) come back, and the epoch goes on
+    with the samples the old ranks did not read (test_elastic_data.py). With a ~0 lr the next checkpoint must hold
+    the loaded weights."""
     run = workspace / "elastic"
     args = ["--run-dir", str(run), *_scratch(workspace)]
     check(launch(workspace, 2, [*args, "--set", "run.max_steps=6"]))
     check(launch(workspace, 1, [*args, "--set", "run.max_steps=7", "--set", "optim.lr=1e-12", "--set",
                                 "optim.min_lr=0"]))  # a cosine floor above the lr is refused now
     log = (run / "logs" / "rank0.log").read_text()
-    assert "was written by 2 ranks and this job has 1" in log
+    assert "was written by 2 ranks and this job has 1: optimizer state re-sharded" in log
+    assert "momentum_buffer) re-partitioned for 1 ranks; the full fp32 weights checked equal" in log
+    assert "epoch 0 continues after batch 6 with the 2 old ranks' unread samples split over 1 ranks" in log
     assert "now draws from a new RNG seeded from (run.seed, step 6, rank)" in log  # not rank 0's copy
     ckpt = run / "checkpoints"
     before = torch.load(ckpt / "step000000006" / "mp_rank_00_model_states.pt", weights_only=False)

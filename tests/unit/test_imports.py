@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "gpd_ds"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("gpd_ds", "errors", "registry", "progress", "preemption", "safeload", "cluster")),
     ("settings", ("config", "ds_config", "recipes")),
-    ("infrastructure", ("distributed", "checkpoint", "tracking", "ema", "engine", "run_lock")),
+    ("infrastructure", ("distributed", "checkpoint", "reshard", "tracking", "ema", "engine", "run_lock")),
     ("data", ("data",)),
     ("architectures and losses", ("models.cifar", "models.mobilenet", "models.rvt", "reviewkd", "losses")),
     ("gpd", ("gpd", "features")),
