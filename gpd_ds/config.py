@@ -176,8 +176,10 @@ class RunConfig:
     eval_every_epochs: int = 1
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 3
-    # how often the ranks agree on a stop request (SIGTERM/SIGINT/SIGUSR1): one small CPU all-reduce, no GPU sync
+    # when the ranks agree on a stop request (SIGTERM/SIGINT/SIGUSR1; one small CPU all-reduce, no GPU sync): every
+    # floor(stop_latency_s / measured step time) steps, at least 1 and at most stop_check_steps (train/stop_check.py)
     stop_check_steps: int = 5
+    stop_latency_s: float = 5.0
     max_steps: int | None = None  # stop early (smoke tests); the schedule still spans all epochs
     deterministic: bool = False
     max_nonfinite_steps: int = 0  # consecutive non-finite losses tolerated (fp16 overflow) before stopping
@@ -432,7 +434,9 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("run.eval_every_epochs", _AT_LEAST_ONE, "use >= 1 (evaluate every that many epochs)"),
     ("run.checkpoint_every_steps", _AT_LEAST_ONE, "use >= 1"),
     ("run.keep_checkpoints", _AT_LEAST_ONE, "use >= 1"),
-    ("run.stop_check_steps", _AT_LEAST_ONE, "use >= 1 (a stop request is honoured within that many optimizer steps)"),
+    ("run.stop_check_steps", _AT_LEAST_ONE, "use >= 1 (the most optimizer steps between two stop checks)"),
+    ("run.stop_latency_s", lambda v: 0 < v <= 20, "use seconds in (0, 20]: how long a stop may wait for the next check "
+     "(DeepSpeed's launcher kills the ranks 30 s after forwarding Ctrl-C/SIGTERM)"),
     ("run.max_steps", _optional(_AT_LEAST_ONE), "use >= 1 optimizer steps, or none to train all epochs"),
     ("run.max_nonfinite_steps", _at_least(0), "use 0 (stop at the first non-finite loss) or more"),
     ("track.wandb", _one_of("auto", "online", "offline", "disabled"), "use auto, online, offline or disabled"),

@@ -105,14 +105,15 @@ def _make_control_group() -> None:
     _CONTROL_GROUP.append(None if default_is_gloo else torch.distributed.new_group(backend="gloo"))
 
 
-def gather_codes(code: int) -> list[int]:
-    """Every rank's ``code`` (a small integer), indexed by rank, over the CPU control group."""
+def gather_rows(row: list[float]) -> list[list[float]]:
+    """Every rank's ``row`` (a few numbers, the same length on every rank), indexed by rank, over the CPU control
+    group, in float64 (integers below 2**53 come back exact)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [code]
-    codes = torch.zeros(dist.get_world_size(), dtype=torch.int64)
-    codes[dist.get_rank()] = code
-    torch.distributed.all_reduce(codes, group=_CONTROL_GROUP[0] if _CONTROL_GROUP else None)
-    return codes.tolist()
+        return [list(row)]
+    rows = torch.zeros(dist.get_world_size(), len(row), dtype=torch.float64)
+    rows[dist.get_rank()] = torch.tensor(row, dtype=torch.float64)
+    torch.distributed.all_reduce(rows, group=_CONTROL_GROUP[0] if _CONTROL_GROUP else None)
+    return rows.tolist()
 
 
 def _remove_shm_buffers(addr: str, port: str, rank: int) -> None:

@@ -10,8 +10,11 @@ Stop requests:
 * the ``deepspeed`` runner that started this node's launcher has exited: a SIGTERM sent to the runner alone,
   which DeepSpeed's single-node runner does not forward, would otherwise leave the ranks running orphaned.
 
-Agreement: every ``run.stop_check_steps`` optimizer steps the ranks exchange their requests in one small
+Agreement: at steps chosen from the measured step time (:mod:`gpd_ds.train.stop_check`: within
+``run.stop_latency_s`` of a request, every step when steps are slow) the ranks exchange their requests in one small
 all-reduce over a CPU (gloo) group, so the check never synchronises the GPU and costs one message per interval.
+During start-up (before the training loop) a request stops the process at once (:class:`StoppedOutsideTraining`):
+there is nothing to save yet, and start-up can take minutes.
 
 Data loader workers ignore these signals (:func:`ignore_stop_signals` is their ``worker_init_fn``): SIGTERM sent
 to the whole process tree must not kill a worker, which would abort the rank in the middle of its save. The
@@ -23,11 +26,13 @@ so an exit handler kills them first (:func:`_kill_leftover_workers`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.util  # registers its exit handler before ours below, so ours runs first
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -75,13 +80,37 @@ def describe(codes: list[int]) -> str:
     return "; ".join(parts)
 
 
+class StoppedOutsideTraining(Exception):
+    """A stop request outside the training steps (start-up: model build, data, teacher, rendezvous): nothing is
+    saved there, so the process stops at once."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped during start-up on {signal.Signals(signum).name}, before the first training step: "
+                         "nothing to save; run the same command to start again")
+        self.signum = signum
+
+
 class StopRequest:
-    """This process's stop request: the first stop signal received, or the launcher's runner gone."""
+    """This process's stop request: the first stop signal received, or the launcher's runner gone.
+
+    Outside :meth:`deferred` (start-up) a stop signal raises :class:`StoppedOutsideTraining` at once: start-up
+    holds nothing to save and may run for minutes. Inside (the training loop) it is recorded, and the ranks save and
+    stop at the next step they compare requests (:mod:`gpd_ds.train.stop_check`)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._runner: tuple[int, float] | None = None
         self._previous: dict[int, object] = {}
+        self._deferred = False
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Record stop requests instead of stopping at once (around the training loop)."""
+        previous, self._deferred = self._deferred, True
+        try:
+            yield
+        finally:
+            self._deferred = previous
 
     def install(self) -> StopRequest:
         for s in STOP_SIGNALS:
@@ -98,14 +127,16 @@ class StopRequest:
         self._previous = {}
 
     def _on_signal(self, signum: int, _frame) -> None:
+        if not self._deferred:
+            raise StoppedOutsideTraining(signum)
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: the user wants out now
         if self.signum is None:
             self.signum = signum
             if os.environ.get("RANK", "0") == "0":  # os.write, not logging: the handler may interrupt a log call
-                os.write(2, f"gpd_ds: {signal.Signals(signum).name} received: saving a checkpoint within "
-                            "run.stop_check_steps steps, then stopping (Ctrl-C again: stop now, without it)\n"
-                            .encode())
+                os.write(2, f"gpd_ds: {signal.Signals(signum).name} received: saving a checkpoint after the step in "
+                            "flight (within run.stop_latency_s), then stopping (Ctrl-C again: stop now, without "
+                            "it)\n".encode())
 
     def local_code(self) -> int:
         """0 (no request), a signal number, or the runner-gone code."""

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from gpd_ds.config import ConfigError, TrainConfig, apply_overrides, kd_choices
 from gpd_ds.ds_config import load_ds_config
@@ -78,9 +79,11 @@ def import_plugin(plugin: str) -> None:
         if plugin.endswith(".py"):
             if not os.path.isfile(plugin):
                 raise ImportError(f"no file {plugin}")
-            spec = importlib.util.spec_from_file_location(f"gpd_ds_plugin_{len(sys.modules)}", plugin)
+            name = f"gpd_ds_plugin_{Path(plugin).stem}_{len(sys.modules)}"
+            spec = importlib.util.spec_from_file_location(name, plugin)
             module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            sys.modules[name] = module  # registered while it runs, as an import does: timm's register_model looks
+            spec.loader.exec_module(module)  # its module up there
         else:
             importlib.import_module(plugin)
     except ImportError as e:

@@ -16,7 +16,7 @@ from gpd_ds.config_checks import check_config
 from gpd_ds.data.demo import cache_dir
 from gpd_ds.distributed import DistInfo
 from gpd_ds.errors import UserInputError
-from gpd_ds.preemption import EXIT_PREEMPTED, Preempted, StopRequest
+from gpd_ds.preemption import EXIT_PREEMPTED, Preempted, StoppedOutsideTraining, StopRequest
 from gpd_ds.recipes import get_recipe
 from gpd_ds.train.loop import RunResult, train
 
@@ -38,6 +38,11 @@ def run(args: argparse.Namespace, cfg: TrainConfig, ds_config: dict) -> int:
             cfg.model.static_teacher_checkpoint = _demo_teacher(ds_config, run_dir, info, args.overrides, stop)
         result = train(cfg, ds_config, run_dir, args.resume, info, args.overwrite, stop)
     except Preempted:
+        return EXIT_PREEMPTED
+    except StoppedOutsideTraining as e:
+        if os.environ.get("RANK", "0") == "0":  # every rank stops; one line says so
+            print(f"gpd-ds train: {e} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+        _log_to_files(str(e))
         return EXIT_PREEMPTED
     except UserInputError as e:
         print(f"gpd-ds train: error: {e}", file=sys.stderr)

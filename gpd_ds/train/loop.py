@@ -37,6 +37,7 @@ from gpd_ds.train.components import Components, build_components
 from gpd_ds.train.evaluation import BestWeights, Evaluator, Results
 from gpd_ds.train.state import EmaState, Lineage, RankPositions, RunState, TrackerState
 from gpd_ds.train.step import NonFiniteWatch, kd_warmup, train_step
+from gpd_ds.train.stop_check import StopCheck
 
 log = logging.getLogger("gpd_ds")
 
@@ -101,11 +102,16 @@ class Trainer:
         self.stop, self.info, self.run_dir = stop, info, run_dir
         self.spe, self.end = c.steps_per_epoch, c.end_step
         self.watch = NonFiniteWatch(run.max_nonfinite_steps, info.device)
+        self.stop_check = StopCheck(stop, run.stop_check_steps, run.stop_latency_s, self.engine.global_steps)
         self.window = ThroughputWindow()
         self.results: Results = {}  # of the newest evaluation
 
     def fit(self, fresh: bool) -> RunResult:
         """Train from the engine's step to the end step; ``fresh``: the run starts here (not resumed)."""
+        with self.stop.deferred():  # from here a stop request is saved at an agreed step (before: it stops at once)
+            return self._fit(fresh)
+
+    def _fit(self, fresh: bool) -> RunResult:
         step = self.engine.global_steps
         if fresh and self.run.eval_at_start and step < self.end:
             self.evaluate(step, with_ema=False)
@@ -153,7 +159,7 @@ class Trainer:
         # must continue from exactly the state an uninterrupted run has here
         if step % self.run.checkpoint_every_steps == 0 or step >= self.end:
             self.save(step)
-        if step % self.run.stop_check_steps == 0 and step < self.end:
+        if step < self.end:
             self.stop_if_requested(step)
 
     def log_train(self, step: int, loss: LossOutput, epoch: int, bar: Progress) -> None:
@@ -168,9 +174,10 @@ class Trainer:
         return self.checkpointer.save(step)
 
     def stop_if_requested(self, step: int) -> None:
-        """All ranks, at the same step: if any rank was asked to stop, save here (unless just saved) and stop."""
-        codes = distributed.gather_codes(self.stop.local_code())
-        if not any(codes):
+        """At the steps the ranks compare requests (:class:`StopCheck`): if any rank was asked to stop, all save here
+        (unless just saved) and stop."""
+        codes = self.stop_check.at(step)
+        if not codes or not any(codes):
             return
         path = self.checkpointer.path_at(step) or self.save(step)
         reason = describe(codes)

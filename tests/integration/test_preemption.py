@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -113,3 +114,90 @@ def test_stop_signal_saves_the_current_step_and_resume_is_bitwise(workspace: Pat
     check(launch(workspace, 2, _args(workspace, run)))
     assert train_losses(run) == reference  # every step once, the same floats, across the stop
     assert f"resumed from {run / 'checkpoints' / tag_for(stopped)}" in (run / "logs" / "rank0.log").read_text()
+
+
+SLOW_STEP = """
+import time
+from gpd_ds.losses import kl_loss
+from gpd_ds.registry import KD_LOSSES
+
+@KD_LOSSES.register("slow_kl")
+def slow_kl(logits, static_logits, target, params):
+    time.sleep(20)  # called once a step (kd_dynamic_teacher off): 20 s steps, as a large ViT or a CPU run has
+    return kl_loss(logits, static_logits, target, params)
+"""
+
+SLOW_START = """
+import time
+import timm
+from timm.models import register_model
+
+@register_model
+def slow_to_build(pretrained=False, **kwargs):
+    time.sleep(120)  # a start-up that takes minutes (a large model, a teacher, the data)
+    return timm.create_model("test_resnet", **kwargs)
+"""
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.is_file():
+        assert proc.poll() is None, "the run ended before it could be signalled"
+        assert time.time() < deadline
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_20_s_steps_is_saved_before_the_launcher_kills_the_ranks(workspace: Path) -> None:
+    """DeepSpeed's launcher SIGKILLs the ranks 30 s after forwarding Ctrl-C; a check every 5 steps (100 s) lost
+    every step. The check interval follows the step time: after the step in flight, the ranks save and stop."""
+    run = workspace / "slow-steps"
+    plugin = workspace / "slow_step.py"
+    plugin.write_text(SLOW_STEP)
+    args = ["--plugin", str(plugin), "--run-dir", str(run), *overrides(workspace / "data", **{
+        "model.static_teacher_checkpoint": workspace / "teacher.safetensors", "loss.kd": "slow_kl",
+        "loss.kd_dynamic_teacher": False, "run.max_steps": 6, "run.eval_at_start": False,
+        "run.checkpoint_every_steps": 1000})]  # run.stop_check_steps stays at its default, 5
+    proc = subprocess.Popen(deepspeed_cmd(1, args), cwd=REPO, env=env(workspace), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    _wait_for_step(run, 1, proc)
+    signalled = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
+    output = proc.communicate(timeout=120)[0]
+    stopped_after = time.monotonic() - signalled
+    _wait_for_group(proc.pid)
+    log = (run / "logs" / "rank0.log").read_text()
+    assert "on request (SIGINT on rank 0)" in log, output[-3000:]
+    stopped = int(log.split("stopped at step ")[1].split()[0])
+    assert stopped in (1, 2)  # the step in flight when Ctrl-C came (2, unless it came during step 1's check)
+    assert f"(exit code {EXIT_PREEMPTED})" in log
+    assert (run / "checkpoints" / tag_for(stopped) / MARKER).is_file()
+    assert stopped_after < 30, f"{stopped_after:.0f} s: the launcher killed the rank"
+    # the one traceback is the `deepspeed` runner's own (it has no SIGINT handler; DeepSpeed's code): none of a rank
+    tracebacks = output.split("Traceback (most recent call last):")[1:]
+    assert all("deepspeed/launcher/runner.py" in t[:400] for t in tracebacks), output[-4000:]
+    assert "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_a_stop_during_start_up_ends_it_at_once_with_the_stop_code(workspace: Path) -> None:
+    run = workspace / "slow-start"
+    plugin = workspace / "slow_start.py"
+    plugin.write_text(SLOW_START)
+    args = ["--plugin", str(plugin), "--run-dir", str(run), *overrides(workspace / "data", **{
+        "model.static_teacher": "none", "model.student": "slow_to_build", "run.max_steps": 2})]
+    cmd = [sys.executable, "launch/train.py", "--deepspeed_config", "ds_configs/zero2.json", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(workspace), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for(run / "logs" / "rank0.log", proc)  # start-up is under way (the model build takes 2 min)
+    time.sleep(2)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert time.monotonic() - signalled < 10
+    assert err.strip().splitlines()[-1] == (
+        "gpd-ds train: stopped during start-up on SIGINT, before the first training step: nothing to save; run the "
+        f"same command to start again (exit code {EXIT_PREEMPTED})")
+    assert "Traceback" not in err
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())

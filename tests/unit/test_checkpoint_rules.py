@@ -179,17 +179,40 @@ def test_stop_request_takes_the_first_signal_and_a_second_ctrl_c_stops_at_once()
     previous = {s: signal.getsignal(s) for s in preemption.STOP_SIGNALS}
     stop = preemption.StopRequest().install()
     try:
+        with pytest.raises(preemption.StoppedOutsideTraining, match="during start-up on SIGTERM, before the first"):
+            os.kill(os.getpid(), signal.SIGTERM)  # start-up: nothing to save, stop at once
         assert stop.local_code() == 0
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert stop.local_code() == signal.SIGUSR1
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.local_code() == signal.SIGUSR1
-        with pytest.raises(KeyboardInterrupt):  # the handler runs as soon as kill() returns
-            os.kill(os.getpid(), signal.SIGINT)
+        with stop.deferred():  # the training loop: recorded, saved at the next agreed step
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert stop.local_code() == signal.SIGUSR1
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.local_code() == signal.SIGUSR1
+            with pytest.raises(KeyboardInterrupt):  # the handler runs as soon as kill() returns
+                os.kill(os.getpid(), signal.SIGINT)
     finally:
         stop.uninstall()
     assert {s: signal.getsignal(s) for s in preemption.STOP_SIGNALS} == previous  # forked children inherit them
     assert preemption.describe([0, signal.SIGTERM, signal.SIGTERM]) == "SIGTERM on ranks [1, 2]"
+
+
+def test_the_stop_check_interval_follows_the_slowest_rank_and_bounds(monkeypatch) -> None:
+    from gpd_ds.train import stop_check
+
+    clock = iter([100.0, 100.5, 101.5, 181.5])
+    monkeypatch.setattr(stop_check.time, "monotonic", lambda: next(clock))
+    gathered = []
+    monkeypatch.setattr(stop_check.distributed, "gather_rows",
+                        lambda row: gathered.append(row) or [row, [0.0, row[1] * 2]])  # rank 1 twice as slow
+    check = stop_check.StopCheck(preemption.StopRequest(), max_interval=5, latency_s=5.0, step=10)
+    assert check.at(10) is None
+    assert check.at(11) == [0, 0]  # the first check: after the first step (0.5 s; the slowest rank 1 s)
+    assert check.interval == 5  # 5 s / 1 s, capped at 5
+    assert [check.at(s) for s in (12, 13, 14, 15)] == [None] * 4
+    assert check.at(16) == [0, 0]  # 1 s for 5 steps: 0.2 s, slowest 0.4 s -> 12 steps, capped at 5
+    assert check.interval == 5
+    assert check.at(21) == [0, 0]  # 80 s for 5 steps: 16 s per step (32 s on rank 1) -> every step
+    assert check.interval == 1
+    assert gathered[-1] == [0.0, 16.0]
 
 
 def test_stale_shm_buffers_are_removed_and_live_ones_kept(tmp_path: Path, monkeypatch) -> None:
