@@ -24,6 +24,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from gpd_ds.errors import UserInputError
+from gpd_ds.progress import named_while_waiting
 
 T = TypeVar("T")
 # Long evaluations and checkpoint writes must not trip the collective watchdog (DeepSpeed's default is 30 min).
@@ -61,7 +62,7 @@ def init() -> DistInfo:
         # where DeepSpeed builds its CPU op (GPD_DS_CPU_SHM_OP=1), each rank prints a success line: rank 0's is
         # enough (a failure raises, on every rank)
         quiet = contextlib.redirect_stdout(io.StringIO()) if os.environ["RANK"] != "0" else contextlib.nullcontext()
-        with quiet, _port_in_use_is_one_line(), _named_while_waiting():
+        with quiet, _port_in_use_is_one_line(), named_while_waiting(_start_up_wait):
             deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                        timeout=COLLECTIVE_TIMEOUT)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -228,32 +229,13 @@ def clear_stale_build_lock(name: str = SHM_OP, min_age_s: float = 60.0) -> Path 
     return None
 
 
-@contextlib.contextmanager
-def _named_while_waiting(after_s: float = 10.0, every_s: float = 30.0) -> Iterator[None]:
-    """While the block runs (DeepSpeed's start: the op build, the rendezvous), say after ``after_s`` and then every
-    ``every_s`` what it waits on, so that a wait never looks like a silent hang."""
-    import threading
-
-    done = threading.Event()
-    start = time.time()
-
-    def report() -> None:
-        wait = after_s
-        while not done.wait(wait):
-            lock = _build_lock()
-            what = (f"DeepSpeed's CPU op build (lock {lock})" if build_in_progress(lock) else
-                    f"the rendezvous of {os.environ.get('WORLD_SIZE', '?')} ranks at "
-                    f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}")
-            print(f"gpd_ds rank {os.environ.get('RANK', '?')}: waiting {time.time() - start:.0f} s for {what}",
-                  file=sys.stderr, flush=True)  # stderr: the start-up silences other ranks' stdout
-            wait = every_s
-
-    thread = threading.Thread(target=report, daemon=True, name="gpd_ds-start-watch")
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
+def _start_up_wait() -> str:
+    """What DeepSpeed's start waits on: the CPU op's build (where it is built), else the rendezvous."""
+    lock = _build_lock()
+    if build_in_progress(lock):
+        return f"DeepSpeed's CPU op build (lock {lock})"
+    return (f"the rendezvous of {os.environ.get('WORLD_SIZE', '?')} ranks at {os.environ.get('MASTER_ADDR', '?')}:"
+            f"{os.environ.get('MASTER_PORT', '?')}")
 
 
 def on_all_ranks(fn: Callable[[], T], what: str) -> T:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from tqdm import tqdm
@@ -57,3 +61,26 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def named_while_waiting(what: Callable[[], str], after_s: float = 10.0, every_s: float = 30.0) -> Iterator[None]:
+    """While the block runs, say on stderr after ``after_s`` and then every ``every_s`` what it waits on
+    (``what()``, asked each time), so that a wait never looks like a silent hang. stderr, not the log: start-up
+    silences other ranks' stdout, and logging may not be set up yet."""
+    done = threading.Event()
+    start = time.time()
+
+    def report() -> None:
+        wait = after_s
+        while not done.wait(wait):
+            print(f"gpd_ds rank {os.environ.get('RANK', '0')}: waiting {time.time() - start:.0f} s for {what()}",
+                  file=sys.stderr, flush=True)
+            wait = every_s
+
+    thread = threading.Thread(target=report, daemon=True, name="gpd_ds-wait-watch")
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()

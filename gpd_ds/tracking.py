@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from gpd_ds.config import TrackConfig
+from gpd_ds.progress import named_while_waiting
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +132,13 @@ class Tracker:
         try:
             import wandb
 
-            self.run = wandb.init(
-                project=self.cfg.project, entity=self.cfg.entity, name=self.cfg.name or run_dir.name,
-                group=self.cfg.group, tags=list(self.cfg.tags) or None, notes=self.cfg.notes, config=config,
-                dir=str(run_dir), id=self.run_id, resume="allow", mode=mode,
-                settings=wandb.Settings(init_timeout=self.cfg.init_timeout, silent=True))
+            with named_while_waiting(lambda: f"W&B to start ({mode}; the run goes on without it after "
+                                     f"track.init_timeout={self.cfg.init_timeout:g} s)"):
+                self.run = wandb.init(
+                    project=self.cfg.project, entity=self.cfg.entity, name=self.cfg.name or run_dir.name,
+                    group=self.cfg.group, tags=list(self.cfg.tags) or None, notes=self.cfg.notes, config=config,
+                    dir=str(run_dir), id=self.run_id, resume="allow", mode=mode,
+                    settings=wandb.Settings(init_timeout=self.cfg.init_timeout, silent=True))
             self.run_id = self.run.id
             self.run.define_metric("epoch")
             self.run.define_metric("samples")

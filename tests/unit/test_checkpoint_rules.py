@@ -239,3 +239,20 @@ def test_stale_shm_buffers_are_removed_and_live_ones_kept(tmp_path: Path, monkey
         finally:
             for p in (stale, young, mapped):
                 p.unlink(missing_ok=True)
+
+
+def test_a_long_wait_is_named_while_it_lasts(capsys) -> None:
+    """Whatever start-up waits on for more than ~10 s (a rendezvous, an op build, W&B) is named while it waits."""
+    import time
+
+    from gpd_ds.progress import named_while_waiting
+
+    asked = []
+    with named_while_waiting(lambda: asked.append(1) or "the rendezvous of 2 ranks at h:1", after_s=0.1,
+                             every_s=0.2):
+        time.sleep(0.45)
+    time.sleep(0.3)  # nothing after the block ends
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(asked) == 2
+    assert lines[0].startswith("gpd_ds rank ")
+    assert lines[0].endswith(" s for the rendezvous of 2 ranks at h:1")
