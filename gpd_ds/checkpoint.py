@@ -361,6 +361,18 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    from gpd_ds.config import TrainConfig
+
+    return _flat(json.loads(json.dumps(TrainConfig().to_dict(), default=str)))
+
+
+def _added_at_default(key: str, value: Any, old: dict[str, Any]) -> bool:
+    """A setting newer than the checkpoint, at its default (which keeps the earlier behaviour): not a change."""
+    return key not in old and value == _defaults().get(key)
+
+
 def check_compatible(marker: Marker, config: dict, zero_stage: int) -> None:
     """Raise :class:`IncompatibleCheckpointError` if ``marker``'s run cannot continue as ``config``; warn about the
     other differences (a longer schedule, a new lr: the run continues with the new values)."""
@@ -380,7 +392,8 @@ def check_compatible(marker: Marker, config: dict, zero_stage: int) -> None:
         raise IncompatibleCheckpointError(
             f"{marker.path} cannot continue with this config: {listed}. Use the checkpoint's values (drop the "
             "--set), or start the new model in a new --run-dir")
-    changed = {k: v for k, v in changes.items() if k != "recipe"}
+    old = _flat(json.loads(json.dumps(marker.config, default=str)))
+    changed = {k: v for k, v in changes.items() if k != "recipe" and not _added_at_default(k, v[1], old)}
     if changed:
         log.warning("the config differs from %s's; continuing with the new values: %s", marker.path.name,
                     "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:12]))

@@ -87,6 +87,9 @@ class Augment:
 class ModelConfig:
     student: str = "resnet18"  # timm name, or torchvision:NAME
     student_kwargs: dict = field(default_factory=dict)  # extra builder arguments (e.g. drop_path_rate)
+    # timm ResNets start each block's last BatchNorm gamma at 0 (zero_init_last, timm's default: none here); the
+    # reference's ResNet at 1: false in the paper recipes. Only the initialisation: no effect on a resumed run
+    zero_init_last: bool | None = None
     student_checkpoint: str | None = None  # local weights: makes the run a fine-tuning run
     static_teacher: str | None = None  # timm name (optionally with a pretrained tag) or torchvision:NAME
     static_teacher_checkpoint: str | None = None  # local .safetensors / .pth state dict
@@ -125,8 +128,8 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    # the static-teacher terms: a logit term psi (dkd or kl), feature distillation (reviewkd), both joined by +
-    # (dkd+reviewkd), or none
+    # the static-teacher terms: a logit term psi (a registered KD loss: dkd, kl, dist), feature distillation
+    # (reviewkd), both joined by + (dkd+reviewkd), or none
     kd: str = "dkd"
     kd_dynamic_teacher: bool = True  # the static-teacher terms for the dynamic teacher too (off: the reference's
     # --deactive_kd_static_teacher)
@@ -134,6 +137,9 @@ class LossConfig:
     # CIFAR recipes: 20); 0: none, as the reference
     dkd_alpha: float = 1.0
     dkd_beta: float = 0.5
+    dist_beta: float = 1.0  # DIST's inter-class (per-sample) relation weight (Huang et al. 2022: 1)
+    dist_gamma: float = 1.0  # DIST's intra-class (per-class, over the batch) relation weight (1)
+    logit_standardize: bool = False  # z-score each sample's logits before the logit KD loss (Sun et al. 2024)
     temperature: float = 1.0
     ce_weight: float = 1.0
     kd_weight: float = 1.0
@@ -142,6 +148,9 @@ class LossConfig:
     smoothing: float = 0.1  # label smoothing of the SCE target
     reviewkd_weight: float = 1.0  # weight of each ReviewKD term (the reference: 1.0 for every pair)
     reviewkd_mid_channels: int = 512  # width of the ABF fusion maps (the reference: 512 for ResNet18, 256 MobileNet)
+    # ResNet stage features after their last ReLU, as the reference's code reads them (an in-place ReLU overwrites
+    # its pre-ReLU output); false: before it, as the spec, ReviewKD's paper and mdistiller. The paper recipes: true
+    reviewkd_post_relu: bool = False
 
 
 @dataclass
@@ -403,6 +412,8 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("loss.dkd_alpha", _WEIGHT, "use a weight >= 0 (default 1.0)"),
     ("loss.dkd_beta", _WEIGHT, "use a weight >= 0 (0.5; 2.0 for MobileNet in the paper)"),
     ("loss.temperature", _above(0), "use a positive temperature, e.g. 1.0"),
+    ("loss.dist_beta", _WEIGHT, "use a weight >= 0 (default 1.0)"),
+    ("loss.dist_gamma", _WEIGHT, "use a weight >= 0 (default 1.0)"),
     ("loss.ce_weight", _WEIGHT, "use a weight >= 0"),
     ("loss.kd_weight", _WEIGHT, "use a weight >= 0"),
     ("loss.dynamic_weight", _WEIGHT, "use a weight >= 0 (3.0 in the paper)"),

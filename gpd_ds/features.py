@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from gpd_ds.errors import UserInputError
 from gpd_ds.gpd.mode import STUDENT
-from gpd_ds.gpd.taps import OUTPUT, Tap, recording
+from gpd_ds.gpd.taps import INPUT, OUTPUT, Tap, recording
 from gpd_ds.models.mobilenet import MobileNetV1ReLU
 from gpd_ds.reviewkd import ReviewKDConnector
 
@@ -32,9 +32,13 @@ class FeatureTapError(UserInputError, ValueError):
     """A network has no known feature taps (feature distillation cannot read its stages)."""
 
 
-def feature_taps(model: nn.Module, name: str) -> tuple[Tap, ...]:
+def feature_taps(model: nn.Module, name: str, post_relu: bool = False) -> tuple[Tap, ...]:
     """ReviewKD's five levels of ``model`` (``name`` is only for the message), shallow to deep: the four stage
-    outputs before their last activation, then the pooled feature (the classifier's input)."""
+    outputs before their last activation, then the pooled feature (the classifier's input).
+
+    ``post_relu`` (``loss.reviewkd_post_relu``): a ResNet's four stage outputs *after* their last ReLU, which is what
+    the reference's code reads (its stage output ``x1`` is overwritten by the in-place ``relu`` that follows: the
+    spec, ReviewKD's paper and mdistiller read it before). MobileNet-v1's taps are the same either way."""
     if all(hasattr(model, f"layer{i}") for i in range(1, 5)) and hasattr(model, "fc"):  # timm ResNets
         stages = []
         for i in range(1, 5):
@@ -45,7 +49,7 @@ def feature_taps(model: nn.Module, name: str) -> tuple[Tap, ...]:
                 raise FeatureTapError(f"{name!r}: layer{i}.{last} has no {act}; a torchvision ResNet shares one "
                                       "ReLU per block, so its pre-activation stage output cannot be read: use the "
                                       "timm model of the same name (e.g. resnet18 instead of torchvision:resnet18)")
-            stages.append(Tap(f"layer{i}.{last}.{act}"))
+            stages.append(Tap(f"layer{i}.{last}.{act}", OUTPUT if post_relu else INPUT))
         return (*stages, Tap("fc"))
     if isinstance(model, MobileNetV1ReLU):  # model[3, 5, 11, 13]: their pointwise conv's BatchNorm
         return (*(Tap(f"model.{k}.4", OUTPUT) for k in (3, 5, 11, 13)), Tap("fc"))
@@ -67,12 +71,13 @@ def feature_widths(model: nn.Module, taps: Sequence[Tap], image_size: int) -> li
 
 
 def build_connectors(student: nn.Module, student_name: str, teacher: nn.Module, teacher_name: str, image_size: int,
-                     mid_channels: int, width_ratio: int | None) -> tuple[tuple[Tap, ...], nn.ModuleDict]:
+                     mid_channels: int, width_ratio: int | None, post_relu: bool = False
+                     ) -> tuple[tuple[Tap, ...], nn.ModuleDict]:
     """The student's taps and ReviewKD connectors, mapping features to ``teacher``'s widths: one for the student
     (``student``) and, with a ``width_ratio``, one for the dynamic teacher (``teacher``, r x wider inputs)."""
-    taps = feature_taps(student, student_name)
+    taps = feature_taps(student, student_name, post_relu)
     widths = feature_widths(student, taps, image_size)
-    teacher_widths = feature_widths(teacher, feature_taps(teacher, teacher_name), image_size)
+    teacher_widths = feature_widths(teacher, feature_taps(teacher, teacher_name, post_relu), image_size)
     if len(widths) != len(teacher_widths):
         raise FeatureTapError(f"{student_name!r} has {len(widths)} feature levels, the static teacher "
                               f"{teacher_name!r} {len(teacher_widths)}")

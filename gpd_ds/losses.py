@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gpd_ds.config import DYNAMIC_LOSSES, FEATURE_KINDS, LossConfig, split_kd
+from gpd_ds.kd.standardize import standardize
 from gpd_ds.registry import KD_LOSSES
 from gpd_ds.reviewkd import hcl
 
@@ -149,6 +150,9 @@ class GPDLoss:
     kd_dynamic_teacher: bool = True
     features: str = "none"
     feature_weight: float = 1.0
+    dist_beta: float = 1.0
+    dist_gamma: float = 1.0
+    logit_standardize: bool = False
 
     def __post_init__(self) -> None:
         if self.kd != "none" and self.kd not in KD_LOSSES:
@@ -169,10 +173,14 @@ class GPDLoss:
         return cls(ce_weight=c.ce_weight, kd_weight=c.kd_weight, dynamic_weight=c.dynamic_weight,
                    smoothing=c.smoothing, kd=kd, dkd_alpha=c.dkd_alpha, dkd_beta=c.dkd_beta,
                    temperature=c.temperature, dynamic_loss=c.dynamic_loss, kd_dynamic_teacher=c.kd_dynamic_teacher,
-                   features=features, feature_weight=c.reviewkd_weight)
+                   features=features, feature_weight=c.reviewkd_weight, dist_beta=c.dist_beta,
+                   dist_gamma=c.dist_gamma, logit_standardize=c.logit_standardize)
 
     def static_kd(self, logits: Tensor, static_logits: Tensor, target: Tensor) -> Tensor:
-        """psi(logits; static_logits): the registered KD loss ``kd``."""
+        """psi(logits; static_logits): the registered KD loss ``kd``, on standardised logits with
+        ``logit_standardize`` (:mod:`gpd_ds.kd.standardize`)."""
+        if self.logit_standardize:
+            logits, static_logits = standardize(logits), standardize(static_logits.detach())
         return KD_LOSSES.get(self.kd)(logits, static_logits, target, self)
 
     def _static_terms(self, who: str, logits: Tensor, connected: list[Tensor] | None, static_logits: Tensor | None,

@@ -105,4 +105,5 @@ class Registry:
 # class indices (B,) or a soft/mixed target (B, K); ``params`` is the run's GPDLoss (temperature, dkd_alpha,
 # dkd_beta: the loss.* settings). loss.kd chooses it by name ("dkd"), optionally with ReviewKD's feature term
 # ("dkd+reviewkd").
-KD_LOSSES = Registry("KD loss", "loss.kd", {"dkd": "gpd_ds.losses:dkd_loss", "kl": "gpd_ds.losses:kl_loss"})
+KD_LOSSES = Registry("KD loss", "loss.kd", {"dkd": "gpd_ds.losses:dkd_loss", "kl": "gpd_ds.losses:kl_loss",
+                                           "dist": "gpd_ds.kd.dist:dist_loss"})

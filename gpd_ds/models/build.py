@@ -16,10 +16,14 @@ from gpd_ds.models.weights import load_weights
 
 def build_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
     m = cfg.model
+    init = {} if m.zero_init_last is None else {"zero_init_last": m.zero_init_last}
     try:
         student = create_model(m.student, num_classes=num_classes, image_size=cfg.data.image_size,
-                               **m.student_kwargs)
+                               **m.student_kwargs, **init)
     except TypeError as e:
+        if init and "zero_init_last" in str(e):
+            raise ConfigError(f"model.zero_init_last={m.zero_init_last} is invalid: {m.student}'s builder has no "
+                              "zero_init_last (timm ResNets do); use none") from e
         if not m.student_kwargs:  # the builder's own bug, not the user's input
             raise
         raise student_kwargs_error(m, e) from e
@@ -60,4 +64,4 @@ def _connectors(cfg: TrainConfig, student: nn.Module, num_classes: int, width_ra
     with torch.device("meta"):
         teacher = create_model(cfg.model.static_teacher, num_classes=num_classes, image_size=cfg.data.image_size)
     return build_connectors(student, cfg.model.student, teacher, cfg.model.static_teacher, cfg.data.image_size,
-                            cfg.loss.reviewkd_mid_channels, width_ratio)
+                            cfg.loss.reviewkd_mid_channels, width_ratio, cfg.loss.reviewkd_post_relu)

@@ -130,7 +130,7 @@ def build_components(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> Compo
     static_teacher = load_static_teacher(cfg, num_classes, info)
     static_taps = ()
     if static_teacher is not None and split_kd(cfg.loss.kd)[1] != "none":
-        static_taps = feature_taps(static_teacher.model, cfg.model.static_teacher)
+        static_taps = feature_taps(static_teacher.model, cfg.model.static_teacher, cfg.loss.reviewkd_post_relu)
     loader = build_train_loader(cfg.data, train_shards, ds["train_micro_batch_size_per_gpu"], cfg.run.seed, info)
     steps_per_epoch = _steps_per_epoch(loader, ds["gradient_accumulation_steps"])
     total_steps = steps_per_epoch * cfg.optim.epochs

@@ -256,3 +256,24 @@ def test_a_long_wait_is_named_while_it_lasts(capsys) -> None:
     assert len(lines) == len(asked) == 2
     assert lines[0].startswith("gpd_ds rank ")
     assert lines[0].endswith(" s for the rendezvous of 2 ranks at h:1")
+
+
+def test_a_setting_newer_than_the_checkpoint_at_its_default_is_no_change(caplog) -> None:
+    """Resuming a checkpoint written before a setting existed: the new setting at its default keeps the earlier
+    behaviour, so it is not listed among the changes (a changed value still is)."""
+    from gpd_ds.checkpoint import Marker, check_compatible
+
+    config = json.loads(json.dumps(TrainConfig().to_dict(), default=str))
+    old = json.loads(json.dumps(config))
+    del old["loss"]["dist_beta"], old["model"]["zero_init_last"]
+    old["optim"]["lr"] = 0.2
+    with caplog.at_level("WARNING", logger="gpd_ds.checkpoint"):
+        check_compatible(Marker(Path("step000000005"), 5, 1, 2, None, old), config, 2)
+    assert "continuing with the new values: optim.lr 0.2 -> 0.1" in caplog.text
+    assert "dist_beta" not in caplog.text
+    assert "zero_init_last" not in caplog.text
+    config["loss"]["dist_beta"] = 2.0
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gpd_ds.checkpoint"):
+        check_compatible(Marker(Path("step000000005"), 5, 1, 2, None, old), config, 2)
+    assert "loss.dist_beta None -> 2.0" in caplog.text
