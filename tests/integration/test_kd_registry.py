@@ -51,7 +51,8 @@ def test_the_registered_loss_is_the_static_term_of_gpd_loss() -> None:
 def test_validation_and_help_learn_the_name_from_the_registry() -> None:
     for kd in ("l2_logits", "l2_logits+reviewkd"):
         apply_overrides(get_recipe("demo"), [f"loss.kd={kd}"]).validate()
-    with pytest.raises(ConfigError, match=r"loss.kd='l2_logit' is invalid: use one of dkd, kl, dist, l2_logits, reviewkd"):
+    with pytest.raises(ConfigError, match=r"loss.kd='l2_logit' is invalid: use one of dkd, kl, dist, l2_logits, "
+                                          r"reviewkd"):
         apply_overrides(get_recipe("demo"), ["loss.kd=l2_logit"]).validate()
     assert "l2_logits+reviewkd" in build_parser().format_help()
     with pytest.raises(ValueError, match="already registered"):
