@@ -375,6 +375,8 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("model.method", _one_of("gpd", "plain", "peer"), "use gpd, plain or peer (the same-size online-peer control)"),
     ("model.width_ratio", _at_least(2), "use an integer >= 2 (2 in the paper)"),
     ("model.noise_std", _at_least(0), "use a standard deviation >= 0 (default 1e-6)"),
+    ("model.zero_init_last", _optional(lambda v: isinstance(v, bool)), "use true, false (the reference's ResNet "
+     "init), or none (the model's default)"),
     ("data.root", _optional(_nonempty), "use the shards root (with _info.json), or none for the demo data"),
     ("data.train_split", _nonempty, "name the train split, e.g. train"),
     ("data.val_split", _nonempty, "name the validation split, e.g. val"),
