@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from gpd_ds.errors import UserInputError
-from gpd_ds.safeload import safe_loading
+from gpd_ds.safeload import load_file
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,6 @@ class FullState:
         return [shape for group in self.groups for shape in group.values()]
 
 
-def _load(path: Path) -> dict:
-    with safe_loading():
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def optimizer_files(path: Path) -> list[Path]:
     """The checkpoint's ZeRO optimizer files in rank order."""
     found = {int(m.group(1)): f for f in path.iterdir() if (m := _OPTIM_FILE.match(f.name))}
@@ -76,7 +71,7 @@ def _param_shapes(path: Path) -> list[dict[str, torch.Size]]:
                                    path / "zero_pp_rank_0_mp_rank_00_model_states.pt") if f.is_file()), None)
     if model_file is None:
         raise ReshardError(f"checkpoint {path} lacks its model states file (mp_rank_00_model_states.pt)")
-    return [dict(group) for group in _load(model_file)["param_shapes"]]
+    return [dict(group) for group in load_file(model_file)["param_shapes"]]
 
 
 def _split(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
@@ -87,7 +82,7 @@ def read_full_state(path: Path) -> FullState:
     """The optimizer state of checkpoint ``path`` (any ZeRO stage, any world size) as full tensors."""
     groups = _param_shapes(path)
     shapes = [s for g in groups for s in g.values()]
-    sds = [_load(f)["optimizer_state_dict"] for f in optimizer_files(path)]
+    sds = [load_file(f)["optimizer_state_dict"] for f in optimizer_files(path)]
     if "fp32_flat_groups" in sds[0]:
         tensors, scalars = _read_zero3(sds, shapes)
     else:
@@ -152,11 +147,16 @@ def load_into(engine, state: FullState, rank: int, world: int) -> list[str]:
         raise ReshardError("the checkpoint's optimizer parameter groups differ from this run's (another model, "
                               "or other weight-decay groups); resume with the checkpoint's config")
     opt = engine.optimizer
-    if hasattr(opt, "fp32_partitioned_groups_flat"):
+    if _is_zero3(opt):
         _write_zero3(opt, state, rank, world)
     else:
         _write_zero12(opt, state, rank, world)
     return list(state.tensors)
+
+
+def _is_zero3(opt) -> bool:
+    """ZeRO-3's optimizer (partitions per parameter) rather than ZeRO-1/2's (flat groups)."""
+    return hasattr(opt, "fp32_partitioned_groups_flat")
 
 
 def _optimizer_state(state: FullState, part: torch.Tensor, pieces: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -209,9 +209,8 @@ def verify(engine, state: FullState) -> None:
     """Every parameter's full fp32 master weight, assembled by DeepSpeed, equals the checkpoint's (collective)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    params = [p for group in engine.optimizer.fp16_groups for p in group] \
-        if hasattr(engine.optimizer, "fp32_partitioned_groups_flat") else \
-        [p for group in engine.optimizer.bit16_groups for p in group]
+    opt = engine.optimizer
+    params = [p for group in (opt.fp16_groups if _is_zero3(opt) else opt.bit16_groups) for p in group]
     for k, (param, expected) in enumerate(zip(params, state.tensors[MASTER], strict=True)):
         got = safe_get_full_fp32_param(param)
         if got is None or not torch.equal(got.detach().cpu().flatten(), expected):

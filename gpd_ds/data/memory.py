@@ -17,6 +17,7 @@ Turn it on with ``data.in_memory=true``; it refuses a split whose decoded size e
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections.abc import Callable, Iterator
@@ -146,7 +147,7 @@ class MemoryTrainLoader:
         if len(mine) < need:
             log.warning("rank %d: the rest of epoch %d holds %d unread samples for this rank's %d; %d are read again",
                         self.rank, self.epoch, len(mine), need, need - len(mine))
-            mine = (mine * (need // max(1, len(mine)) + 1)) if mine else mine
+            mine = list(itertools.islice(itertools.cycle(mine), need))
         return [-1] * (first * self.batch_size) + mine[:need]
 
     def __iter__(self) -> Iterator[Batch]:
