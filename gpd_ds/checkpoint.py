@@ -65,7 +65,8 @@ _TAG = re.compile(r"^step(\d{9})$")
 SPACE_MARGIN = 1.1
 # config keys whose change makes a checkpoint unusable (other shapes, another optimizer state)
 INCOMPATIBLE_KEYS = ("model.method", "model.student", "model.student_kwargs", "model.width_ratio",
-                     "model.branches", "model.distillation_token", "optim.optimizer", "loss.reviewkd_mid_channels")
+                     "model.branches", "model.distillation_token", "optim.optimizer", "loss.reviewkd_mid_channels",
+                     "loss.student_taps", "loss.teacher_taps")
 # what the run outputs besides checkpoints: removed with them by --overwrite
 RUN_OUTPUTS = ("checkpoints", "best", "metrics.jsonl")
 
@@ -373,6 +374,13 @@ def _added_at_default(key: str, value: Any, old: dict[str, Any]) -> bool:
     return key not in old and value == _defaults().get(key)
 
 
+def _feature_loss(kd: object) -> str:
+    """The feature term of a ``loss.kd`` value (its connectors are tensors of the checkpoint)."""
+    from gpd_ds.config import split_kd
+
+    return (split_kd(str(kd)) or ("", str(kd)))[1]
+
+
 def check_compatible(marker: Marker, config: dict, zero_stage: int) -> None:
     """Raise :class:`IncompatibleCheckpointError` if ``marker``'s run cannot continue as ``config``; warn about the
     other differences (a longer schedule, a new lr: the run continues with the new values)."""
@@ -385,8 +393,8 @@ def check_compatible(marker: Marker, config: dict, zero_stage: int) -> None:
     changes = config_changes(marker.config, config)
     blocking = {k: v for k, v in changes.items() if k in INCOMPATIBLE_KEYS}
     kd = changes.get("loss.kd")
-    if kd is not None and ("reviewkd" in str(kd[0])) != ("reviewkd" in str(kd[1])):
-        blocking["loss.kd"] = kd  # feature distillation adds (or drops) the connectors' tensors
+    if kd is not None and _feature_loss(kd[0]) != _feature_loss(kd[1]):
+        blocking["loss.kd"] = kd  # another feature loss has other connectors' tensors (or none)
     if blocking:
         listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in blocking.items())
         raise IncompatibleCheckpointError(

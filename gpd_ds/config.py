@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpd_ds.errors import UserInputError
-from gpd_ds.registry import KD_LOSSES
+from gpd_ds.registry import FEATURE_LOSSES, KD_LOSSES
 
 # This module imports neither torch nor timm (the checks that need them import them when they run): the recipes and
 # `gpd-ds train --help` read it in a fraction of a second.
 
 TORCHVISION_PREFIX = "torchvision:"
-FEATURE_KINDS = ("reviewkd", "none")
 DYNAMIC_LOSSES = ("sce", "ce", "mse", "l1")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,12 +40,12 @@ class ConfigError(UserInputError, ValueError):
 
 def split_kd(kd: str) -> tuple[str, str] | None:
     """``loss.kd`` as (logit term, feature term): ``dkd`` -> (dkd, none), ``dkd+reviewkd`` -> (dkd, reviewkd),
-    ``reviewkd`` -> (none, reviewkd), ``none`` -> (none, none); None if it names no registered KD loss
-    (:data:`gpd_ds.registry.KD_LOSSES`)."""
+    ``fitnet`` -> (none, fitnet), ``none`` -> (none, none); None if it names no registered KD loss
+    (:data:`gpd_ds.registry.KD_LOSSES`) or feature loss (:data:`gpd_ds.registry.FEATURE_LOSSES`)."""
     logit, plus, feature = kd.partition("+")
-    if not plus and logit == "reviewkd":
-        return "none", "reviewkd"
-    if plus and feature != "reviewkd":
+    if not plus and logit in FEATURE_LOSSES:
+        return "none", logit
+    if plus and feature not in FEATURE_LOSSES:
         return None
     if logit in KD_LOSSES or (logit == "none" and not plus):
         return logit, feature or "none"
@@ -54,14 +53,14 @@ def split_kd(kd: str) -> tuple[str, str] | None:
 
 
 def kd_choices() -> tuple[str, ...]:
-    """Every value loss.kd takes: each registered KD loss, reviewkd, each joined with reviewkd, none."""
-    names = KD_LOSSES.names()
-    return (*names, "reviewkd", *(f"{n}+reviewkd" for n in names), "none")
+    """Every value loss.kd takes: each registered KD loss, each feature loss, each pair joined by +, none."""
+    names, features = KD_LOSSES.names(), FEATURE_LOSSES.names()
+    return (*names, *features, *(f"{n}+{f}" for f in features for n in names), "none")
 
 
 def _kd_fix() -> str:
-    return (f"use one of {', '.join(kd_choices())} (a KD loss of your own: register it in "
-            "gpd_ds.registry.KD_LOSSES)")
+    return (f"use one of {', '.join(kd_choices())} (a loss of your own: register it in "
+            "gpd_ds.registry.KD_LOSSES or FEATURE_LOSSES)")
 
 
 @dataclass
@@ -128,8 +127,8 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    # the static-teacher terms: a logit term psi (a registered KD loss: dkd, kl, dist), feature distillation
-    # (reviewkd), both joined by + (dkd+reviewkd), or none
+    # the static-teacher terms: a logit term psi (a registered KD loss: dkd, kl, dist), a feature loss (reviewkd,
+    # fitnet), both joined by + (dkd+reviewkd), or none
     kd: str = "dkd"
     kd_dynamic_teacher: bool = True  # the static-teacher terms for the dynamic teacher too (off: the reference's
     # --deactive_kd_static_teacher)
@@ -151,6 +150,11 @@ class LossConfig:
     # ResNet stage features after their last ReLU, as the reference's code reads them (an in-place ReLU overwrites
     # its pre-ReLU output); false: before it, as the spec, ReviewKD's paper and mdistiller. The paper recipes: true
     reviewkd_post_relu: bool = False
+    fitnet_weight: float = 1.0  # weight of each FitNets hint term (mean over levels; CRD's one-hint benchmark: 100)
+    # where feature distillation reads (gpd_ds/tap_sets.py): module paths, 'path' its output, 'path:input' its input,
+    # shallow -> deep, as many for the student as for the static teacher; empty: the family's default five levels
+    student_taps: tuple[str, ...] = ()
+    teacher_taps: tuple[str, ...] = ()
 
 
 @dataclass
@@ -358,6 +362,12 @@ def _increasing(v: tuple[int, ...]) -> bool:
 _PROBABILITY = _within(0, 1)
 _FRACTION = _within(0, 1, high_open=True)
 _WEIGHT = _at_least(0)
+_TAP_FIX = "write each tap as a module path ('stages.2', its output) or 'path:input' (its input), e.g. head.fc:input"
+
+
+def _tap_spec(spec: str) -> bool:
+    path, _, where = spec.partition(":")
+    return bool(path.strip()) and where in ("", "input", "output")
 _AT_LEAST_ONE = _at_least(1)
 _RESERVED_STUDENT_KWARGS = ("num_classes", "image_size", "pretrained")
 
@@ -410,6 +420,9 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("loss.kd_warmup_epochs", _at_least(0), "use 0 (no warm-up) or more epochs, e.g. 20"),
     ("loss.dynamic_loss", _one_of(*DYNAMIC_LOSSES), f"use one of {', '.join(DYNAMIC_LOSSES)}"),
     ("loss.reviewkd_weight", _WEIGHT, "use a weight >= 0 (1.0 in the reference)"),
+    ("loss.fitnet_weight", _WEIGHT, "use a weight >= 0 (1.0)"),
+    ("loss.student_taps", _each(_tap_spec), _TAP_FIX),
+    ("loss.teacher_taps", _each(_tap_spec), _TAP_FIX),
     ("loss.reviewkd_mid_channels", _AT_LEAST_ONE, "use a positive channel count (512; 256 for MobileNet)"),
     ("loss.dkd_alpha", _WEIGHT, "use a weight >= 0 (default 1.0)"),
     ("loss.dkd_beta", _WEIGHT, "use a weight >= 0 (0.5; 2.0 for MobileNet in the paper)"),
@@ -466,6 +479,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 def _cross_field_rows(cfg: TrainConfig) -> list[tuple[bool, str, Any, str]]:
     """(ok, key, value, fix) of the rules that tie fields together."""
     m, o = cfg.model, cfg.optim
+    features = (split_kd(cfg.loss.kd) or ("", "none"))[1] != "none"
     return [
         (not (m.static_teacher_checkpoint and m.static_teacher_pretrained), "model.static_teacher_pretrained",
          m.static_teacher_pretrained, "set either a local static_teacher_checkpoint or pretrained, not both"),
@@ -477,10 +491,14 @@ def _cross_field_rows(cfg: TrainConfig) -> list[tuple[bool, str, Any, str]]:
         (not m.distillation_token or (m.static_teacher is not None and cfg.loss.kd != "none"),
          "model.distillation_token", m.distillation_token,
          "the distillation head learns from the static teacher: set model.static_teacher and loss.kd"),
-        ("reviewkd" not in cfg.loss.kd or m.method != "peer", "loss.kd", cfg.loss.kd,
+        (not features or m.method != "peer", "loss.kd", cfg.loss.kd,
          "model.method=peer has no feature distillation: use loss.kd=dkd, kl or none"),
-        ("reviewkd" not in cfg.loss.kd or m.static_teacher is not None, "loss.kd", cfg.loss.kd,
-         "ReviewKD distils the static teacher's features: set model.static_teacher, or use loss.kd=none"),
+        (not features or m.static_teacher is not None, "loss.kd", cfg.loss.kd,
+         "feature distillation distils the static teacher's features: set model.static_teacher, or use "
+         "loss.kd=none"),
+        (features or not (cfg.loss.student_taps or cfg.loss.teacher_taps), "loss.student_taps",
+         cfg.loss.student_taps, "taps are read by a feature loss only: add one to loss.kd (e.g. dkd+fitnet) or "
+         "leave the taps empty"),
         (o.warmup_epochs < o.epochs, "optim.warmup_epochs", o.warmup_epochs,
          f"use fewer warm-up epochs than optim.epochs={o.epochs}"),
         (o.cooldown_epochs < o.epochs, "optim.cooldown_epochs", o.cooldown_epochs,

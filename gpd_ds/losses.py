@@ -1,4 +1,5 @@
-"""GPD losses: CE, label-smoothed soft CE (SCE), KL knowledge distillation, DKD, ReviewKD's HCL, and GPDLoss.
+"""GPD losses: CE, label-smoothed soft CE (SCE), KL knowledge distillation, DKD, and GPDLoss (which adds a feature
+loss of :data:`gpd_ds.registry.FEATURE_LOSSES`: ReviewKD's HCL, FitNets' hints).
 
 All losses are computed in fp32 whatever the logits' dtype. Targets may be class indices ``(B,)``
 or soft/mixed distributions ``(B, K)`` (mixup/cutmix); DKD then uses the argmax as the class.
@@ -13,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpd_ds.config import DYNAMIC_LOSSES, FEATURE_KINDS, LossConfig, split_kd
+from gpd_ds.config import DYNAMIC_LOSSES, LossConfig, split_kd
 from gpd_ds.kd.standardize import standardize
-from gpd_ds.registry import KD_LOSSES
-from gpd_ds.reviewkd import hcl
+from gpd_ds.registry import FEATURE_LOSSES, KD_LOSSES
 
 Logits = Tensor | tuple[Tensor, Tensor]  # a DeiT distilled model in distilled training: (class, distillation) heads
 
@@ -126,15 +126,16 @@ class GPDLoss:
 
         L = ce_weight * [CE(z_T, y) + CE(z_S, y)]
           + w * kd_weight * [psi(z_T; z_static) + psi(z_S; z_static)]              (with a static teacher)
-          + w * feature_weight * [HCL(A_T(F_T), F_static) + HCL(A_S(F_S), F_static)]   (feature distillation)
+          + w * feature_weight * [phi(A_T(F_T), F_static) + phi(A_S(F_S), F_static)]   (feature distillation)
           + dynamic_weight * SCE(z_S, softmax(sg(z_T)))
 
     ``psi`` is a registered KD loss (:data:`gpd_ds.registry.KD_LOSSES`: DKD by default, Hinton KL) or nothing;
-    the feature term is ReviewKD's HCL of the connector outputs or nothing; ``w`` is the warm-up factor
+    ``phi`` a registered feature loss (:data:`gpd_ds.registry.FEATURE_LOSSES`: ReviewKD's HCL, FitNets' hints) of
+    each mode's connector outputs, or nothing; ``w`` is the warm-up factor
     (``kd_scale``, 1 without warm-up). ``kd_dynamic_teacher=False`` drops the dynamic teacher's static-teacher
     terms (the reference's ``--deactive_kd_static_teacher``). Terms are returned by name, unweighted:
     ``ce_student``, ``ce_dynamic_teacher``, ``kd_static_to_student``, ``kd_static_to_dynamic_teacher``,
-    ``reviewkd_static_to_student``, ``reviewkd_static_to_dynamic_teacher``,
+    ``reviewkd_static_to_student``, ``reviewkd_static_to_dynamic_teacher`` (named after ``features``),
     ``sce_dynamic_to_student`` (named after ``dynamic_loss``); the weighted sum is ``total``.
     """
 
@@ -157,8 +158,8 @@ class GPDLoss:
     def __post_init__(self) -> None:
         if self.kd != "none" and self.kd not in KD_LOSSES:
             raise ValueError(f"GPDLoss kd={self.kd!r} is unknown; {KD_LOSSES.choices(('none',))}")
-        if self.features not in FEATURE_KINDS:
-            raise ValueError(f"GPDLoss features={self.features!r} is unknown; use one of {FEATURE_KINDS}")
+        if self.features != "none" and self.features not in FEATURE_LOSSES:
+            raise ValueError(f"GPDLoss features={self.features!r} is unknown; {FEATURE_LOSSES.choices(('none',))}")
         if self.dynamic_loss not in DYNAMIC_LOSSES:
             raise ValueError(f"GPDLoss dynamic_loss={self.dynamic_loss!r} is unknown; use one of {DYNAMIC_LOSSES}")
         if not 0.0 <= self.smoothing < 1.0:
@@ -173,7 +174,7 @@ class GPDLoss:
         return cls(ce_weight=c.ce_weight, kd_weight=c.kd_weight, dynamic_weight=c.dynamic_weight,
                    smoothing=c.smoothing, kd=kd, dkd_alpha=c.dkd_alpha, dkd_beta=c.dkd_beta,
                    temperature=c.temperature, dynamic_loss=c.dynamic_loss, kd_dynamic_teacher=c.kd_dynamic_teacher,
-                   features=features, feature_weight=c.reviewkd_weight, dist_beta=c.dist_beta,
+                   features=features, feature_weight=_feature_weight(c, features), dist_beta=c.dist_beta,
                    dist_gamma=c.dist_gamma, logit_standardize=c.logit_standardize)
 
     def static_kd(self, logits: Tensor, static_logits: Tensor, target: Tensor) -> Tensor:
@@ -195,8 +196,10 @@ class GPDLoss:
             if connected is None or static_features is None:
                 raise ValueError(f"GPDLoss features={self.features!r} needs the connector outputs of the {who} and "
                                  "the static teacher's features")
-            terms[f"reviewkd_static_to_{who}"] = hcl(connected, static_features)
-            total = total + kd_scale * self.feature_weight * terms[f"reviewkd_static_to_{who}"]
+            name = f"{self.features}_static_to_{who}"
+            terms[name] = FEATURE_LOSSES.get(self.features).loss(_on_grids(connected, static_features),
+                                                                 static_features)
+            total = total + kd_scale * self.feature_weight * terms[name]
         return total
 
     def plain(self, student: Logits, target: Tensor, static_teacher: Tensor | None = None, *,
@@ -234,6 +237,24 @@ class GPDLoss:
                     "dynamic_teacher", t_dist, features.dynamic_teacher if features else None, static_teacher,
                     static_features, target, terms, kd_scale)
         return LossOutput(total, terms)
+
+
+def _feature_weight(c: LossConfig, features: str) -> float:
+    """The weight of the feature term: the ``loss.*`` setting its feature loss names (``reviewkd_weight`` ...)."""
+    return 1.0 if features not in FEATURE_LOSSES else float(getattr(c, FEATURE_LOSSES.get(features).weight_key))
+
+
+def _on_grids(connected: list[Tensor], static_features: list[Tensor]) -> list[Tensor]:
+    """Each connector output on its static-teacher level's grid: average-pooled down (a student's 8 x 8 tokens
+    against a CNN's 4 x 4 stage) or bilinearly resized up; unchanged where the grids agree (every same-family pair)."""
+    out = []
+    for f, t in zip(connected, static_features, strict=True):
+        if f.ndim == 4 and t.ndim == 4 and f.shape[-2:] != t.shape[-2:]:
+            larger = f.shape[-2] >= t.shape[-2] and f.shape[-1] >= t.shape[-1]
+            f = F.adaptive_avg_pool2d(f, t.shape[-2:]) if larger else \
+                F.interpolate(f, size=t.shape[-2:], mode="bilinear", align_corners=False)
+        out.append(f)
+    return out
 
 
 def _heads(logits: Logits) -> tuple[Tensor, Tensor]:

@@ -107,3 +107,19 @@ class Registry:
 # ("dkd+reviewkd").
 KD_LOSSES = Registry("KD loss", "loss.kd", {"dkd": "gpd_ds.losses:dkd_loss", "kl": "gpd_ds.losses:kl_loss",
                                            "dist": "gpd_ds.kd.dist:dist_loss"})
+
+
+class FeatureLoss:
+    """A feature distillation method: ``connector(widths, static_widths, loss_config)`` builds the module (trained
+    with the student) that maps a network's tapped features, one ``(B, C, H, W)`` map per level, to the static
+    teacher's widths; ``loss(connected, static_features)`` compares them (a scalar, fp32, the static features
+    detached); ``weight_key`` names the ``loss.*`` setting that weights it."""
+
+    def __init__(self, connector: Callable[..., Any], loss: Callable[..., Any], weight_key: str) -> None:
+        self.connector, self.loss, self.weight_key = connector, loss, weight_key
+
+
+# A feature loss (FeatureLoss), the feature term of the GPD objective: loss.kd chooses it alone ("reviewkd") or after
+# a KD loss ("dkd+fitnet"). The taps it reads are gpd_ds.tap_sets'.
+FEATURE_LOSSES = Registry("feature loss", "loss.kd", {"reviewkd": "gpd_ds.reviewkd:REVIEWKD",
+                                                      "fitnet": "gpd_ds.kd.fitnet:FITNET"})

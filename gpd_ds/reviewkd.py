@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gpd_ds.registry import FeatureLoss
+
 HCL_POOL_SIZES = (4, 2, 1)  # adaptive-average-pool targets of the HCL pyramid, coarser levels weighted less
 
 
@@ -168,3 +170,8 @@ def hcl(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         total = level if total is None else total + level
     assert total is not None
     return total
+
+
+REVIEWKD = FeatureLoss(lambda widths, static_widths, cfg: ReviewKDConnector(widths, static_widths,
+                                                                            cfg.reviewkd_mid_channels),
+                       hcl, "reviewkd_weight")

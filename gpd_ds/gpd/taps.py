@@ -5,6 +5,7 @@ of each architecture and the connectors)."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -17,29 +18,48 @@ INPUT, OUTPUT = "input", "output"
 
 @dataclass(frozen=True)
 class Tap:
-    """A feature read at a module: its first ``input`` (a forward pre-hook) or its ``output``."""
+    """A feature read at a module: its first ``input`` (a forward pre-hook) or its ``output``, as a ``(B, C, H, W)``
+    map whatever the module's layout: a pooled ``(B, C)`` becomes ``(B, C, 1, 1)``; tokens ``(B, N, C)`` drop their
+    ``prefix`` (class, distillation, register tokens) and fold the rest into their square grid; with ``nhwc`` a 4-D
+    tensor is channels-last (timm's Swin) and is permuted."""
 
     path: str
     where: str = INPUT
+    prefix: int = 0
+    nhwc: bool = False
+
+    def to_map(self, t: Tensor) -> Tensor:
+        """``t`` as a new ``(B, C, H, W)`` tensor (a copy: timm's activations are in place and would overwrite it)."""
+        if t.ndim == 2:
+            return t[:, :, None, None]
+        if t.ndim == 3:
+            tokens = t[:, self.prefix:]
+            side = math.isqrt(tokens.shape[1])
+            if side * side != tokens.shape[1]:
+                raise ValueError(f"tap {self.path!r} gives {tokens.shape[1]} tokens after {self.prefix} prefix "
+                                 "tokens, not a square grid: tap a module whose tokens are the image's patches")
+            return tokens.transpose(1, 2).reshape(t.shape[0], t.shape[2], side, side)
+        return t.permute(0, 3, 1, 2).contiguous() if self.nhwc else t.clone()
 
 
 @contextlib.contextmanager
 def recording(net: nn.Module, taps: Sequence[Tap]) -> Iterator[dict[str, list[Tensor]]]:
     """Within the block, every forward of ``net`` appends its tap tensors to ``features[mode]`` (the GPD mode the
-    forward runs in; ``student`` outside a GPD model). Tensors are cloned (timm's activations are in place and
-    would overwrite a stage output) and 2-D ones (a pooled feature) made ``(B, C, 1, 1)``."""
+    forward runs in; ``student`` outside a GPD model), as the ``(B, C, H, W)`` map :meth:`Tap.to_map` makes."""
     features: dict[str, list[Tensor]] = {}
 
-    def keep(t: Tensor) -> None:
-        features.setdefault(active_mode() or STUDENT, []).append(t.clone() if t.ndim > 2 else t[:, :, None, None])
+    def keeper(tap: Tap):
+        def keep(t: Tensor) -> None:
+            features.setdefault(active_mode() or STUDENT, []).append(tap.to_map(t))
+        return keep
 
     handles = []
     for tap in taps:
-        module = net.get_submodule(tap.path)
+        module, keep = net.get_submodule(tap.path), keeper(tap)
         if tap.where == INPUT:
-            handles.append(module.register_forward_pre_hook(lambda _m, args: keep(args[0])))
+            handles.append(module.register_forward_pre_hook(lambda _m, args, keep=keep: keep(args[0])))
         else:
-            handles.append(module.register_forward_hook(lambda _m, _args, out: keep(out)))
+            handles.append(module.register_forward_hook(lambda _m, _args, out, keep=keep: keep(out)))
     try:
         yield features
     finally:

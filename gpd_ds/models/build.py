@@ -40,7 +40,7 @@ def build_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
 def build_model(cfg: TrainConfig, num_classes: int, noise: bool = True) -> nn.Module:
     """The trained module: the GPD model (IR of the student), for ``method=plain`` the student itself, for
     ``method=peer`` the student and a same-size peer (:mod:`gpd_ds.models.peer`). With
-    feature distillation (``loss.kd`` with reviewkd) the connectors join it, created after IR, fresh and random as
+    feature distillation (``loss.kd`` with a feature loss) the connectors join it, created after IR, fresh and random as
     the reference's (:mod:`gpd_ds.features`)."""
     student = build_student(cfg, num_classes)
     features = split_kd(cfg.loss.kd)[1] != "none"
@@ -64,4 +64,4 @@ def _connectors(cfg: TrainConfig, student: nn.Module, num_classes: int, width_ra
     with torch.device("meta"):
         teacher = create_model(cfg.model.static_teacher, num_classes=num_classes, image_size=cfg.data.image_size)
     return build_connectors(student, cfg.model.student, teacher, cfg.model.static_teacher, cfg.data.image_size,
-                            cfg.loss.reviewkd_mid_channels, width_ratio, cfg.loss.reviewkd_post_relu)
+                            cfg.loss, width_ratio)

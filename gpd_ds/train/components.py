@@ -26,7 +26,7 @@ from gpd_ds.engine import (
     resolve_ds_config,
     zero_stage,
 )
-from gpd_ds.features import feature_taps
+from gpd_ds.features import static_taps
 from gpd_ds.gpd.checkpointing import enable_activation_checkpointing
 from gpd_ds.losses import GPDLoss
 from gpd_ds.models.build import build_model
@@ -128,9 +128,9 @@ def build_components(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> Compo
     ds = resolve_ds_config(ds_config, cfg.optim, info.world_size, info.device)
     model = distributed.on_all_ranks(lambda: build_model(cfg, num_classes), "building the model")
     static_teacher = load_static_teacher(cfg, num_classes, info)
-    static_taps = ()
+    teacher_taps = ()
     if static_teacher is not None and split_kd(cfg.loss.kd)[1] != "none":
-        static_taps = feature_taps(static_teacher.model, cfg.model.static_teacher, cfg.loss.reviewkd_post_relu)
+        teacher_taps = static_taps(static_teacher.model, cfg.model.static_teacher, cfg.loss)
     loader = build_train_loader(cfg.data, train_shards, ds["train_micro_batch_size_per_gpu"], cfg.run.seed, info)
     steps_per_epoch = _steps_per_epoch(loader, ds["gradient_accumulation_steps"])
     total_steps = steps_per_epoch * cfg.optim.epochs
@@ -150,7 +150,7 @@ def build_components(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> Compo
         engine.compile()
         static_teacher = torch.compile(static_teacher) if static_teacher is not None else None
     return Components(
-        engine=engine, ema=ema, static_teacher=static_teacher, static_taps=static_taps,
+        engine=engine, ema=ema, static_teacher=static_teacher, static_taps=teacher_taps,
         loss_fn=GPDLoss.from_config(cfg.loss), loader=loader, val_shards=val_shards,
         device_tf=DeviceTransform(num_classes, info.device, cfg.data.augment, cfg.data.mean, cfg.data.std,
                                   cfg.run.channels_last),

@@ -81,8 +81,9 @@ def _validate(*overrides: str) -> TrainConfig:
     ("data.augment.mixup=-0.8", "data.augment.mixup=-0.8 is invalid: use an alpha >= 0"),
     ("data.augment.pad_crop=-4", "data.augment.pad_crop=-4 is invalid: use 0"),
     ("data.augment.auto_augment=rand-x9", "data.augment.auto_augment='rand-x9' is invalid: timm cannot read it"),
-    ("loss.kd=kld", "loss.kd='kld' is invalid: use one of dkd, kl, dist, reviewkd, dkd+reviewkd, kl+reviewkd, "
-     "dist+reviewkd, none"),
+    ("loss.kd=kld", "loss.kd='kld' is invalid: use one of dkd, kl, dist, reviewkd, fitnet, dkd+reviewkd, "
+     "kl+reviewkd, dist+reviewkd, dkd+fitnet, kl+fitnet, dist+fitnet, none"),
+    ("loss.student_taps=stages.1", "loss.student_taps=('stages.1',) is invalid: taps are read by a feature loss only"),
     ("loss.dynamic_loss=bce", "loss.dynamic_loss='bce' is invalid: use one of sce, ce, mse, l1"),
     ("loss.kd_warmup_epochs=-1", "loss.kd_warmup_epochs=-1.0 is invalid: use 0 (no warm-up) or more epochs"),
     ("loss.dkd_beta=-0.5", "loss.dkd_beta=-0.5 is invalid: use a weight >= 0"),

@@ -19,7 +19,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("infrastructure", ("distributed", "checkpoint", "reshard", "tracking", "ema", "engine", "run_lock")),
     ("data", ("data",)),
     ("architectures and losses", ("models.cifar", "models.mobilenet", "models.rvt", "reviewkd", "kd", "losses")),
-    ("gpd", ("gpd", "features")),
+    ("gpd", ("gpd", "tap_sets", "features")),
     ("models", ("models", "models.weights", "models.build", "models.teacher", "models.peer")),
     ("evaluation and outputs", ("evaluate", "export", "hub", "report", "dashboard", "config_checks")),
     ("training", ("train",)),
