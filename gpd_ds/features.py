@@ -10,8 +10,9 @@ backward, after the block) see a network without them.
 
 The **connectors** (the feature loss's: ReviewKD's ABF chains, :mod:`gpd_ds.reviewkd`; FitNets' regressors,
 :mod:`gpd_ds.kd.fitnet`) map a network's features to the static teacher's widths. They are trained with the
-student, so they live inside the module DeepSpeed wraps (``connectors`` of :class:`~gpd_ds.gpd.model.GPDModel`, or of :class:`StudentWithConnector` without GPD): ZeRO
-partitions them, checkpoints and the EMA hold them, and export drops them.
+student, so they live inside the module DeepSpeed wraps (``connectors`` of :class:`~gpd_ds.gpd.model.GPDModel`,
+or of :class:`StudentWithConnector` without GPD): ZeRO partitions them, checkpoints and the EMA hold them, and
+export drops them.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def test_timm_mobilenet_v1_taps_the_same_blocks() -> None:
 def test_families_without_taps_get_a_clear_error() -> None:
     with pytest.raises(FeatureTapError, match="torchvision ResNet shares one ReLU"):
         feature_taps(create_model("torchvision:resnet18", num_classes=NUM_CLASSES), "torchvision:resnet18")
-    with pytest.raises(FeatureTapError, match="no default taps for 'torchvision:vgg11'.*loss.student_taps"):
+    with pytest.raises(FeatureTapError, match=r"no default taps for 'torchvision:vgg11'.*loss.student_taps"):
         feature_taps(create_model("torchvision:vgg11", num_classes=NUM_CLASSES), "torchvision:vgg11")
 
 
@@ -226,7 +226,7 @@ def test_build_model_attaches_connectors_for_gpd_and_plain() -> None:
 
 def test_reviewkd_needs_a_static_teacher() -> None:
     cfg = _reviewkd_config("model.static_teacher=none")
-    with pytest.raises(ConfigError, match="feature distillation distils the static teacher.s features"):
+    with pytest.raises(ConfigError, match=r"feature distillation distils the static teacher's features"):
         cfg.validate()
 
 

@@ -1,5 +1,5 @@
-"""DIST and logit standardisation against their published formulas, written out here in float64 from the papers
-(value and gradient), and their composition with the GPD objective."""
+"""DIST, logit standardisation and FitNets' hints against their published formulas, written out here in float64 from
+the papers (value and gradient), and their composition with the GPD objective."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch
 
 from gpd_ds.config import LossConfig
 from gpd_ds.kd.dist import dist
+from gpd_ds.kd.fitnet import FitNetConnector, hint_loss
 from gpd_ds.kd.standardize import standardize
-from gpd_ds.losses import GPDLoss, kl_kd
-from gpd_ds.registry import KD_LOSSES
+from gpd_ds.losses import Features, GPDLoss, kl_kd
+from gpd_ds.registry import FEATURE_LOSSES, KD_LOSSES
 
 
 def _pearson64(a: list[float], b: list[float]) -> float:
@@ -107,3 +108,85 @@ def test_dist_in_gpd_one_backward_equals_the_terms_backwards(standardized: bool)
         torch.testing.assert_close(g, summed, rtol=1e-5, atol=1e-7)
     plain = loss.plain(s, y, static)  # a model.method=plain baseline takes it too
     assert "kd_static_to_student" in plain.terms
+
+
+def _hint64(connector: FitNetConnector, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """FitNets (Romero et al. 2015, eq. 3) per level, ``1/2 ||u_h - r(v_g)||^2`` with r = BN(conv1x1) in train mode,
+    written out in float64 (the batch statistics by hand) and brought to gpd_ds's normalisation: divided by half the
+    element count (a per-level mean), averaged over levels."""
+    levels = []
+    for (conv, bn), f, t in zip(connector.regressors, student, teacher, strict=True):
+        w = conv.weight.double()[:, :, 0, 0]
+        r = torch.einsum("oc,bchw->bohw", w, f.double())
+        mu = r.mean(dim=(0, 2, 3), keepdim=True)
+        var = ((r - mu) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+        r = (r - mu) / torch.sqrt(var + bn.eps) * bn.weight.double()[None, :, None, None] \
+            + bn.bias.double()[None, :, None, None]
+        half_sq = 0.5 * ((t.double() - r) ** 2).sum()
+        levels.append(half_sq / (0.5 * t.numel()))
+    return torch.stack(levels).mean()
+
+
+def test_fitnet_hint_value_and_gradient_match_the_paper_in_float64() -> None:
+    gen = torch.Generator().manual_seed(5)
+    connector = FitNetConnector([3, 4], [5, 6]).train()
+    for p in connector.parameters():  # BN's affine parameters away from (1, 0), so they count
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    student = [torch.randn(4, 3, 5, 5, generator=gen, requires_grad=True),
+               torch.randn(4, 4, 2, 2, generator=gen, requires_grad=True)]
+    teacher = [torch.randn(4, 5, 5, 5, generator=gen), torch.randn(4, 6, 2, 2, generator=gen)]
+    ours = hint_loss(connector(student), teacher)
+    reference = _hint64(connector, student, teacher)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=1e-6)
+    params = [*student, *connector.parameters()]
+    for g_ours, g_ref in zip(torch.autograd.grad(ours, params), torch.autograd.grad(reference, params),
+                             strict=True):
+        torch.testing.assert_close(g_ours.double(), g_ref.double(), rtol=1e-4, atol=1e-6)
+    assert hint_loss(teacher, teacher).item() == 0.0  # a perfect hint costs nothing
+    with pytest.raises(ValueError, match="hint_loss got 1 student and 2 teacher levels"):
+        hint_loss(student[:1], teacher)
+
+
+def test_fitnet_is_a_registered_feature_loss_weighted_by_its_own_key() -> None:
+    assert FEATURE_LOSSES.names() == ("reviewkd", "fitnet")
+    loss = GPDLoss.from_config(LossConfig(kd="dist+fitnet", fitnet_weight=7.0, reviewkd_weight=3.0))
+    assert (loss.kd, loss.features, loss.feature_weight) == ("dist", "fitnet", 7.0)
+    assert GPDLoss.from_config(LossConfig(kd="reviewkd", reviewkd_weight=3.0)).feature_weight == 3.0
+
+
+@pytest.mark.parametrize("method", ["plain", "gpd"])
+def test_fitnet_in_gpd_and_plain_one_backward_equals_the_terms_backwards(method: str) -> None:
+    """As the feature term of GPD for the student and for the dynamic teacher, and of a plain baseline."""
+    gen = torch.Generator().manual_seed(6)
+    loss = GPDLoss.from_config(LossConfig(kd="kl+fitnet", fitnet_weight=5.0))
+    s, t = torch.randn(4, 10, generator=gen, requires_grad=True), torch.randn(4, 10, generator=gen, requires_grad=True)
+    fs = [torch.randn(4, 8, 4, 4, generator=gen, requires_grad=True)]
+    ft = [torch.randn(4, 8, 4, 4, generator=gen, requires_grad=True)]
+    static, static_f = torch.randn(4, 10, generator=gen), [torch.randn(4, 8, 2, 2, generator=gen)]  # coarser grid
+    y = torch.randint(0, 10, (4,), generator=gen)
+    inputs = (s, t, *fs, *ft)
+
+    def run():
+        if method == "plain":
+            return loss.plain(s, y, static, features=Features(fs, None, static_f))
+        return loss(s, t, y, static, features=Features(fs, ft, static_f))
+
+    out = run()
+    weights = {"fitnet_static_to_student": 5.0, "kd_static_to_student": 1.0, "ce_student": 1.0}
+    if method == "gpd":
+        weights |= {"fitnet_static_to_dynamic_teacher": 5.0, "kd_static_to_dynamic_teacher": 1.0,
+                    "ce_dynamic_teacher": 1.0, "sce_dynamic_to_student": 3.0}
+    assert set(out.terms) == set(weights)
+    # the student's 4 x 4 map is compared on the static teacher's 2 x 2 grid (average-pooled)
+    want = torch.nn.functional.mse_loss(torch.nn.functional.avg_pool2d(fs[0], 2), static_f[0])
+    torch.testing.assert_close(out.terms["fitnet_static_to_student"], want)
+    g_total = torch.autograd.grad(out.total, inputs, allow_unused=True)
+    parts = [torch.autograd.grad(w * run().terms[name], inputs, allow_unused=True) for name, w in weights.items()]
+    for i, g in enumerate(g_total):
+        summed = [p[i] for p in parts if p[i] is not None]
+        if g is None:
+            assert not summed
+            continue
+        torch.testing.assert_close(g, sum(summed), rtol=1e-5, atol=1e-7)
