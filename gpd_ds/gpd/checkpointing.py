@@ -21,7 +21,7 @@ from gpd_ds.gpd.mode import active_mode, mode_scope
 
 # residual / transformer blocks of the supported families (timm and torchvision), by class name
 BLOCK_CLASSES = ("BasicBlock", "Bottleneck", "Block", "InvertedResidual", "DepthwiseSeparableConv",
-                 "ConvNeXtBlock")
+                 "ConvNeXtBlock", "SwinTransformerBlock")
 
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
@@ -46,7 +46,8 @@ def enable_activation_checkpointing(model: nn.Module, classes: tuple[str, ...] =
     def visit(module: nn.Module) -> None:
         nonlocal count
         for child in module.children():
-            if type(child).__name__ in classes:
+            # IR's parametrized tensors (torch.nn.utils.parametrize) rename a block's class "Parametrized<Name>"
+            if type(child).__name__.removeprefix("Parametrized") in classes:
                 child.forward = types.MethodType(_checkpointed_forward, child)
                 count += 1
             else:

@@ -236,6 +236,11 @@ def _dense_specs(in_expanded: bool, out_expanded: bool, grouped: bool, out_group
             TensorSpec(bias_dims, scaled=out_expanded, out_groups=out_groups))
 
 
+def _scaled(weight: Tensor, bias: Tensor | None, weight_scale: float, bias_scale: float
+            ) -> tuple[Tensor, Tensor | None]:
+    return weight * weight_scale, bias if bias is None or bias_scale == 1.0 else bias * bias_scale
+
+
 class WideConv2d(WideModule):
     """Conv2d of the dynamic teacher (rules A, B and D).
 
@@ -263,17 +268,21 @@ class WideConv2d(WideModule):
             bias = None if bias is None else bias / self.width_ratio
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, scale: tuple[float, float] | None = None) -> Tensor:
+        """``scale`` (:meth:`teacher_scaled`): the teacher-mode output with the weight and bias scaled."""
+        if scale is not None:
+            weight, bias = _scaled(*self.teacher_tensors("weight", "bias"), *scale)
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         mode = current_mode()
         if mode == TEACHER:
             return self.conv(x, *self.teacher_tensors("weight", "bias"), mode)
         return self.conv(x, self.student_tensor("weight"), self.student_tensor("bias"), mode)
 
     def teacher_scaled(self, x: Tensor, weight_scale: float, bias_scale: float) -> Tensor:
-        """The teacher-mode output with the weight and bias scaled (a dense conv: ``scale * conv`` folded)."""
-        weight, bias = self.teacher_tensors("weight", "bias")
-        bias = bias if bias is None or bias_scale == 1.0 else bias * bias_scale
-        return F.conv2d(x, weight * weight_scale, bias, self.stride, self.padding, self.dilation, self.groups)
+        """The teacher-mode output with the weight and bias scaled (a dense conv: ``scale * conv`` folded). Through
+        the module's call, so its hooks run: ZeRO-3 gathers the parameters there (also when activation checkpointing
+        recomputes the caller in backward)."""
+        return self(x, scale=(weight_scale, bias_scale))
 
     def extra_repr(self) -> str:
         return (f"student={self.in_channels}->{self.out_channels}, k={self.kernel_size}, s={self.stride}, "
@@ -284,8 +293,8 @@ class WideConv2dSame(WideConv2d):
     """timm's ``Conv2dSame``: TF "same" padding computed from the input's spatial size (channels untouched), then
     the convolution."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(pad_same(x, self.kernel_size, self.stride, self.dilation))
+    def forward(self, x: Tensor, scale: tuple[float, float] | None = None) -> Tensor:
+        return super().forward(pad_same(x, self.kernel_size, self.stride, self.dilation), scale)
 
 
 class WideStdConv2d(WideConv2d):
@@ -342,15 +351,18 @@ class WideLinear(WideModule):
         self.register_wide("weight", linear.weight, w_spec)
         self.register_wide("bias", linear.bias, b_spec)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, scale: tuple[float, float] | None = None) -> Tensor:
+        """``scale`` (:meth:`teacher_scaled`): the teacher-mode output with the weight and bias scaled."""
+        if scale is not None:
+            return F.linear(x, *_scaled(*self.teacher_tensors("weight", "bias"), *scale))
         if current_mode() == TEACHER:
             return F.linear(x, *self.teacher_tensors("weight", "bias"))
         return F.linear(x, self.student_tensor("weight"), self.student_tensor("bias"))
 
     def teacher_scaled(self, x: Tensor, weight_scale: float, bias_scale: float) -> Tensor:
-        """The teacher-mode output with the weight and bias scaled."""
-        weight, bias = self.teacher_tensors("weight", "bias")
-        return F.linear(x, weight * weight_scale, bias if bias is None or bias_scale == 1.0 else bias * bias_scale)
+        """The teacher-mode output with the weight and bias scaled, through the module's call (its hooks run: ZeRO-3
+        gathers the parameters there, also when activation checkpointing recomputes the caller in backward)."""
+        return self(x, scale=(weight_scale, bias_scale))
 
     def extra_repr(self) -> str:
         return f"student={self.in_features}->{self.out_features}, r={self.width_ratio}"

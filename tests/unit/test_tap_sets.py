@@ -130,3 +130,35 @@ def test_connectors_of_a_vit_student_and_a_convnext_teacher_meet_on_the_teachers
     assert {"fitnet_static_to_student", "fitnet_static_to_dynamic_teacher"} <= loss.terms.keys()
     loss.total.backward()
     assert all(p.grad is not None for p in gpd.connectors.parameters())
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext", "swin"])
+def test_activation_checkpointing_keeps_features_losses_and_gradients(family: str) -> None:
+    """IR's blocks (class "Parametrized<Block>") are found and checkpointed; the taps inside the recomputed blocks
+    give the same loss and gradients."""
+    import copy
+
+    from gpd_ds.gpd.checkpointing import enable_activation_checkpointing
+    from gpd_ds.losses import Features, GPDLoss
+
+    name = FAMILIES[family][0]
+    student, teacher = _model(family), _model("convnext")
+    model = expand(student, width_ratio=2, noise_std=1e-3, input_size=(3, SIZE, SIZE)).train()
+    loss_cfg = LossConfig(kd="dkd+reviewkd", reviewkd_mid_channels=16)
+    model.attach_connectors(*build_connectors(student, name, teacher, "convnext_atto", SIZE, loss_cfg, 2))
+    checkpointed = copy.deepcopy(model)
+    assert enable_activation_checkpointing(checkpointed) > 0
+    x, y = torch.randn(4, 3, SIZE, SIZE), torch.tensor([1, 2, 3, 4])
+    with torch.no_grad(), recording(teacher, feature_taps(teacher, "convnext_atto")) as static:
+        static_logits = teacher(x)
+    totals = []
+    for m in (model, checkpointed):
+        torch.manual_seed(0)
+        out = m(x, mode="both", features=True)
+        loss = GPDLoss.from_config(loss_cfg)(out.student, out.teacher, y, static_logits, features=Features(
+            out.student_features, out.teacher_features, static["student"]))
+        loss.total.backward()
+        totals.append(loss.total.detach())
+    torch.testing.assert_close(totals[0], totals[1], rtol=0, atol=0)
+    for (n, p1), (_, p2) in zip(model.named_parameters(), checkpointed.named_parameters(), strict=True):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-5, atol=1e-7, msg=n)
