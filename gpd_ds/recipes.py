@@ -226,6 +226,18 @@ def deit_tiny_distilled_from_deit_small() -> TrainConfig:
                  0.0, distillation_token=True)
 
 
+@recipe("(a) static teacher", "-")
+def deit_tiny_from_deit_small_fitnet() -> TrainConfig:
+    """Feature distillation on a ViT: DeiT-S -> DeiT-Ti, DKD + FitNets hints + GPD on the DeiT recipe. The hints read
+    the blocks ending each quarter of the depth (3, 6, 9, 12: tokens folded into the 14 x 14 grid) and the pooled
+    class token of both networks (gpd_ds/tap_sets.py), through one 1x1 conv + BN per level for the student and one
+    for the dynamic teacher; weight 1 (not tuned). ReviewKD instead: ``--set loss.kd=dkd+reviewkd
+    loss.reviewkd_mid_channels=256``."""
+    cfg = _deit("deit_tiny_from_deit_small_fitnet", "deit_tiny_patch16_224", "deit_small_patch16_224", 0.0)
+    cfg.loss.kd, cfg.loss.fitnet_weight = "dkd+fitnet", 1.0
+    return cfg
+
+
 def _rvt(recipe: str, static_teacher: str | None) -> TrainConfig:
     """The reference's RVT runs (reviewkd_rvt.md 2.6): the DeiT recipe with drop-path 0 (the GPD commands pass none;
     official RVT trains with 0.1), DKD alpha 1 / beta 0.5, the static teacher in train-mode BN, a single-branch

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from gpd_ds.export import export_run, rebuild, run_record, run_weights
+from gpd_ds.models import create_model
 from tests.integration.launch_helpers import (
     NUM_CLASSES,
     check,
@@ -132,3 +133,26 @@ def test_reviewkd_recipes_run_on_tiny_sizes(workspace: Path, recipe: str, studen
     assert {"train/reviewkd_static_to_student", "train/reviewkd_static_to_dynamic_teacher"} <= train[0].keys()
     export = export_run(run, workspace / f"{recipe}.safetensors", which="last")
     timm.create_model(student, num_classes=NUM_CLASSES).load_state_dict(load_file(str(export)), strict=True)
+
+
+@pytest.mark.slow
+def test_vit_feature_recipe_runs_on_tiny_sizes(workspace: Path) -> None:
+    """deit_tiny_from_deit_small_fitnet as shipped (DeiT augmentation, repeated augmentation, AdamW), shrunk to
+    32 px and 3 steps, with a random DeiT-S teacher of that size from a local file."""
+    torch.manual_seed(0)
+    weights = workspace / "deit_small_32.safetensors"
+    save_file(create_model("deit_small_patch16_224", num_classes=NUM_CLASSES, image_size=32).state_dict(),
+              str(weights))
+    recipe, run = "deit_tiny_from_deit_small_fitnet", workspace / "deit_fitnet"
+    sets = {"data.root": workspace / "data", "data.image_size": 32, "data.workers": 0, "data.eval_batch_size": 20,
+            "optim.global_batch_size": 16, "run.max_steps": 3, "run.log_every_steps": 1, "run.export_at_end": False,
+            "model.static_teacher_checkpoint": weights}
+    args = ["--recipe", recipe, "--run-dir", str(run)]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    check(launch(workspace, 2, args))
+    record = json.loads((run / "config.json").read_text())["config"]
+    assert (record["model"]["student"], record["loss"]["kd"]) == ("deit_tiny_patch16_224", "dkd+fitnet")
+    train = [r for r in _rows(run) if "train/loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert {"train/fitnet_static_to_student", "train/fitnet_static_to_dynamic_teacher"} <= train[0].keys()
