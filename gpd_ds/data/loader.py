@@ -27,7 +27,8 @@ Train (``TrainLoader``), decisions and why:
   A worker's error reaches the trainer as the error it is (:class:`LoaderFailure`), not a wrapped traceback.
 * **Repeated augmentation** (``data.repeated_aug = R``, DeiT's and RVT's RASampler, which a stream has no place
   for): each sample goes to R consecutive ranks in the same step, each copy augmented with its rank's seed; an
-  epoch keeps its batch count and covers about 1 / R of the samples (:meth:`TrainShards._stream`).
+  epoch keeps its batch count and covers a uniform random 1 / R of the samples, as the sampler's permutation does
+  (:meth:`TrainShards._stream`).
 * Workers emit uint8 batches; normalisation, random erasing and mixup run on the device
   (:mod:`gpd_ds.data.transforms`).
 
@@ -463,22 +464,39 @@ class TrainShards(IterableDataset):
 
         Without repeated augmentation: its own slot's samples. With ``repeats = R`` (DeiT's RASampler, emulated
         for shards): emission ``i`` is copy ``j = i % R`` of sample ``i // R`` of the slot of rank
-        ``(rank - j) mod W`` (same worker). So sample ``m`` of rank ``s``'s slot is emitted by ranks ``s, s + 1,
-        ..., s + R - 1`` (mod W) at the same position ``R * m + j``, i.e. in the same step, each copy augmented
-        with its own rank's seed, as the sampler puts copies on consecutive ranks; an epoch keeps its number of
-        batches and covers about 1 / R of the samples, R times each. Each rank reads ``1 / R`` of each of its
-        ``R`` slots, so the reading and decoding cost per rank is unchanged."""
+        ``(rank - j) mod W`` (same worker), where a slot's samples are a uniform random 1 / R of it
+        (:meth:`_selected`). So sample ``m`` of rank ``s``'s slot is emitted by ranks ``s, s + 1, ..., s + R - 1``
+        (mod W) at the same position ``R * m + j``, i.e. in the same step, each copy augmented with its own rank's
+        seed, as the sampler puts copies on consecutive ranks; an epoch keeps its number of batches and covers a
+        uniform 1 / R of the samples, R times each. Each rank decodes as many images as without repeats; it reads
+        (not decodes) its R slots' tar members whole."""
         if self.repeats == 1:
             yield from self._emissions(self.rank, worker)
             return
         sources: dict[int, tuple[Iterator[dict], int, dict | None]] = {}  # slot rank -> (stream, index, sample)
         for i in itertools.count():
             source, index = (self.rank - i % self.repeats) % self.world_size, i // self.repeats
-            stream, at, sample = sources.get(source) or (self._emissions(source, worker), -1, None)
+            stream, at, sample = sources.get(source) or (self._selected(source, worker), -1, None)
             while at < index:  # a slot is asked for non-decreasing indices; fewer than R ranks repeat one
                 at, sample = at + 1, next(stream)
             sources[source] = (stream, at, sample)
             yield sample
+
+    def _selected(self, rank: int, worker: int) -> Iterator[dict]:
+        """Repeated augmentation's draw from slot (``rank``, ``worker``): of each pass over its emissions, the
+        ``ceil(n / R)`` at positions drawn uniformly at random (seeded by seed, epoch, slot and pass, so every rank
+        reading the slot draws the same). Taking the first ``n / R`` instead would take the first third of the
+        slot's shards whenever the shuffle buffer is smaller than the slot (ImageNet's case): samples of the same
+        shards together, a shard-correlated third. The skipped samples are read, not decoded."""
+        n = sum(length for _, length in self._own_shards(rank, worker))
+        emissions = self._emissions(rank, worker)
+        for passes in itertools.count():
+            draw = random.Random(_mix(self.seed, self.epoch, rank, worker, 5, passes))
+            keep = set(draw.sample(range(n), -(-n // self.repeats)))
+            for position in range(n):
+                sample = next(emissions)
+                if position in keep:
+                    yield sample
 
     def _remainder_stream(self, worker: int) -> Iterator[dict]:
         """This rank's ``worker``'s block of the :class:`Remainder` (see there), then the block again."""

@@ -114,3 +114,59 @@ def test_a_checkpoint_without_repeats_resumes_approximately_only(shards, caplog:
 def test_bad_repeat_count_is_refused(shards) -> None:
     with pytest.raises(DataError, match=r"data\.repeated_aug=0 must be >= 1"):
         _loader(shards, 0, 1, repeats=0)
+
+
+def _deit_ra_sampler(n: int, world: int, per_rank: int, epoch: int, repeats: int = R) -> set[int]:
+    """DeiT's RASampler as its paper and code describe it: a permutation of the data seeded by the epoch, each index
+    repeated R times, dealt round-robin to the ranks, each rank keeping its first ``per_rank`` (the epoch's length):
+    the distinct indices the epoch uses."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch)).tolist()
+    repeated = [i for i in order for _ in range(repeats)]
+    return {i for rank in range(world) for i in repeated[rank::world][:per_rank]}
+
+
+def _shard_spread(indices) -> int:
+    """Samples the epoch takes from its most-used shard minus from its least-used one (9 shards of 12)."""
+    per_shard = [0] * 9
+    for i in indices:
+        per_shard[i // 12] += 1
+    return max(per_shard) - min(per_shard)
+
+
+def _mean(values: list) -> float:
+    return sum(values) / len(values)
+
+
+def test_the_repeated_third_is_uniform_as_deits_sampler_not_shard_correlated(tmp_path) -> None:
+    """9 shards of 12, 3 ranks, a shuffle buffer (8) smaller than a rank's slot (36), as on ImageNet. Per epoch
+    both cover exactly a third (36 of 108); over 3 epochs, averaged over 6 seeds, the loader covers what DeiT's
+    sampler covers (a uniform third per epoch: 108 (1 - (2/3)^3) = 76 expected), and the epoch takes as evenly
+    from each shard as the sampler does. Taking the first third of each slot's stream (before) took whole shards:
+    75.3 distinct on average but from 67 to 82, and a per-shard spread of 10.1 of 12 against the sampler's ~4."""
+    shards = resolve_shards(str(synthetic_shards(tmp_path, "train", [12] * 9, size=16)), "train")
+    world, n, seeds = 3, 108, range(6)
+    ours, deit, spread, deit_spread = [], [], [], []
+    for seed in seeds:
+        seen_ours, seen_deit = set(), set()
+        for epoch in range(3):
+            keys = set()
+            for rank in range(world):
+                loader = TrainLoader(shards, batch_size=BATCH, rank=rank, world_size=world, num_workers=1, seed=seed,
+                                     transform=train_transform(SIZE, Augment()), shuffle_buffer=8, repeated_aug=R)
+                loader.set_epoch(epoch)
+                keys |= {k for batch in loader for k in batch.keys}
+            per_rank = len(loader) * BATCH
+            drawn = _deit_ra_sampler(n, world, per_rank, 100 * seed + epoch)
+            assert len(keys) == len(drawn) == n // R  # 36 distinct, R copies each
+            spread.append(_shard_spread(int(k[1:]) for k in keys))  # keys s00000 ... s00107, 12 per shard
+            deit_spread.append(_shard_spread(drawn))
+            seen_ours |= keys
+            seen_deit |= drawn
+        ours.append(len(seen_ours))
+        deit.append(len(seen_deit))
+    mean_ours, mean_deit = _mean(ours), _mean(deit)
+    print(f"distinct over 3 epochs: ours {ours} (mean {mean_ours:.1f}), DeiT's {deit} (mean {mean_deit:.1f}); "
+          f"per-shard spread per epoch: ours {_mean(spread):.1f}, DeiT's {_mean(deit_spread):.1f}")
+    assert abs(mean_ours - mean_deit) <= 4, (ours, deit)
+    assert mean_ours >= 72, ours
+    assert _mean(spread) <= _mean(deit_spread) + 1.5, (spread, deit_spread)  # the shard-correlated draw: 10.1
