@@ -9,6 +9,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from gpd_ds.gpd.mode import STUDENT, active_mode
@@ -38,8 +39,11 @@ class Tap:
             if side * side != tokens.shape[1]:
                 raise ValueError(f"tap {self.path!r} gives {tokens.shape[1]} tokens after {self.prefix} prefix "
                                  "tokens, not a square grid: tap a module whose tokens are the image's patches")
-            return tokens.transpose(1, 2).reshape(t.shape[0], t.shape[2], side, side)
-        return t.permute(0, 3, 1, 2).contiguous() if self.nhwc else t.clone()
+            grid = tokens.transpose(1, 2).reshape(t.shape[0], t.shape[2], side, side)  # still a view of the tokens
+            return grid.clone(memory_format=torch.contiguous_format)
+        if self.nhwc:
+            return t.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
+        return t.clone()
 
 
 @contextlib.contextmanager
