@@ -18,7 +18,9 @@ The protocol (``PROTOCOL``, fixed; its digest is in every result, and results of
   built first, from the seed, in every method), so arms are compared seed by seed;
 * the static teacher (``cifar_resnet18``, recipe ``cifar10_teacher``, seed 0) is trained once and kept as a
   committed file (``artifacts/teacher.safetensors``), so that a later session distils from the same teacher;
-  likewise each seed's CE student (the fine-tuning start point of arm (c)).
+  likewise each seed's CE student (the fine-tuning start point of arm (c));
+* precision: bf16 autocast on a CPU with native bf16 (``results/``), float32 on one without
+  (``results_fp32/``, ``_fp32`` artifacts and run directories): a comparison pairs runs of one precision only.
 """
 
 from __future__ import annotations
@@ -73,6 +75,13 @@ class Arm:
     label: str
     overrides: tuple[str, ...]
     needs: tuple[str, ...] = ()  # arms of the same seed that must have finished first
+    epochs: int | None = None  # the arm's own schedule length (the cosine stretched over it); None: the protocol's
+
+    def schedule(self) -> int:
+        """Epochs this arm trains."""
+        if self.epochs is not None:
+            return self.epochs
+        return PROTOCOL["finetune_epochs"] if self.scenario == "c" else PROTOCOL["epochs"]
 
 
 _TEACHER = (f"model.static_teacher_checkpoint={TEACHER.relative_to(REPO)}",)
@@ -97,15 +106,61 @@ ARMS = (
         ("model.method=gpd", *_NO_TEACHER, "model.branches=true")),
     Arm("b_gpd_r4", "b", "GPD from scratch, r = 4", ("model.method=gpd", *_NO_TEACHER, "model.width_ratio=4")),
 )
+
+# Issue 34, fixed before its runs. (1) Equal compute: a GPD step costs what COST_RATIO plain steps of the same loss
+# cost (--measure-cost 30, docs/results_cifar10.md: KD 819 vs KD + GPD 375 img/s = 2.18x, DKD 665 vs 293 = 2.27x),
+# so KD and DKD trained 20 x that many epochs cost what their GPD arms cost at 20; KD + GPD at the long length too,
+# so equal epochs and equal compute are both answered at 20 and 44 epochs. (2) A ViT student (VIT): timm's
+# vit_tiny_patch16_224 shrunk for 32 px and this machine (patch 4: 8 x 8 tokens, width 96, 6 blocks of 3 heads,
+# 0.7 M parameters, about the ResNet student's cost per image x 2.5), AdamW as ViTs are trained (lr 1e-3 at batch
+# 128, wd 0.05 not on norms, biases, tokens), the same schedule and data; CE, KD, KD + GPD, GPD from scratch, with
+# the same static teacher. (3) DIST and DIST + GPD (Huang et al. 2022, its defaults).
+COST_RATIO = {"kl": 2.18, "dkd": 2.27}
+LONG = {loss: round(PROTOCOL["epochs"] * ratio) for loss, ratio in COST_RATIO.items()}  # 44, 45
+VIT = ("model.student=vit_tiny_patch16_224",
+       'model.student_kwargs={"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}',
+       "optim.optimizer=adamw", "optim.lr=0.001", "optim.lr_ref_batch=128", "optim.weight_decay=0.05",
+       "optim.decay_norm_and_bias=false")
+
+ARMS = (*ARMS,
+        Arm("a_kd_long", "a", f"KD, {LONG['kl']} epochs (the cost of KD + GPD at 20)",
+            ("model.method=plain", "loss.kd=kl", *_TEACHER), epochs=LONG["kl"]),
+        Arm("a_dkd_long", "a", f"DKD, {LONG['dkd']} epochs (the cost of DKD + GPD at 20)",
+            ("model.method=plain", "loss.kd=dkd", *_TEACHER), epochs=LONG["dkd"]),
+        Arm("a_kd_gpd_long", "a", f"KD + GPD, {LONG['kl']} epochs", ("model.method=gpd", "loss.kd=kl", *_TEACHER),
+            epochs=LONG["kl"]),
+        Arm("a_dist", "a", "DIST", ("model.method=plain", "loss.kd=dist", *_TEACHER)),
+        Arm("a_dist_gpd", "a", "DIST + GPD", ("model.method=gpd", "loss.kd=dist", *_TEACHER)),
+        Arm("v_ce", "a", "ViT student, CE only", ("model.method=plain", *_NO_TEACHER, *VIT)),
+        Arm("v_kd", "a", "ViT student, KD", ("model.method=plain", "loss.kd=kl", *_TEACHER, *VIT)),
+        Arm("v_kd_gpd", "a", "ViT student, KD + GPD", ("model.method=gpd", "loss.kd=kl", *_TEACHER, *VIT)),
+        Arm("v_gpd", "b", "ViT student, GPD from scratch", ("model.method=gpd", *_NO_TEACHER, *VIT)),
+        )
 TEACHER_ARM = Arm("teacher", "teacher", "static teacher cifar_resnet18, CE", ("model.method=plain",))
 
 
-def result_path(arm: Arm, seed: int) -> Path:
-    return RESULTS / ("teacher.json" if arm is TEACHER_ARM else f"{arm.name}_s{seed}.json")
+def host_precision() -> str:
+    """What the protocol's ds_config (bf16 autocast) runs as on this CPU: "bf16" where it has native bfloat16,
+    else "fp32" (gpd_ds.engine: emulated bf16 would be slower than fp32)."""
+    from gpd_ds.engine import cpu_has_native_bf16
+
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
-def ce_student(seed: int) -> Path:
-    return ARTIFACTS / f"a_ce_s{seed}.safetensors"
+# Runs of one precision are compared with runs of the same precision only: a host without native bf16 writes its
+# results to results_fp32/ (and its CE students to artifacts/*_fp32.safetensors), the first 60 runs are bf16's.
+SUFFIX = {"bf16": "", "fp32": "_fp32"}
+
+
+def result_path(arm: Arm, seed: int, precision: str = "bf16") -> Path:
+    """The static teacher is one (bf16) for every precision: a frozen input of every student run."""
+    if arm is TEACHER_ARM:
+        return RESULTS / "teacher.json"
+    return HERE / f"results{SUFFIX[precision]}" / f"{arm.name}_s{seed}.json"
+
+
+def ce_student(seed: int, precision: str = "bf16") -> Path:
+    return ARTIFACTS / f"a_ce_s{seed}{SUFFIX[precision]}.safetensors"
 
 
 # --measure-cost times the fine-tuning arms from a random student (the speed does not depend on the weights)
@@ -148,12 +203,12 @@ def prepare_data(tgz: Path, out: Path) -> Path:
 
 # --- one run --------------------------------------------------------------------------------------------------------
 
-def command(arm: Arm, seed: int, shards: Path, run_dir: Path, port: int) -> list[str]:
+def command(arm: Arm, seed: int, shards: Path, run_dir: Path, port: int, precision: str = "bf16") -> list[str]:
     recipe = "cifar10_teacher" if arm is TEACHER_ARM else "cifar10"
-    epochs = PROTOCOL["teacher_epochs"] if arm is TEACHER_ARM else PROTOCOL["epochs"]
+    epochs = PROTOCOL["teacher_epochs"] if arm is TEACHER_ARM else arm.epochs or PROTOCOL["epochs"]
     sets = [f"data.root={shards}", f"run.seed={seed}", f"optim.epochs={epochs}",
             f"run.eval_every_epochs={PROTOCOL['eval_every_epochs']}", "track.wandb=disabled",
-            *(o.replace("{ce_student}", str(ce_student(seed))) for o in arm.overrides)]
+            *(o.replace("{ce_student}", str(ce_student(seed, precision))) for o in arm.overrides)]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(port),
            "launch/train.py", "--deepspeed_config", PROTOCOL["ds_config"], "--recipe", recipe,
            "--run-dir", str(run_dir), "--resume", "auto"]
@@ -224,13 +279,14 @@ class Protocol:
         self.stopping = False
         self.port = args.port
         self.lock = threading.Lock()
+        self.precision = host_precision()
 
     def jobs(self) -> list[tuple[Arm, int]]:
         arms = [a for a in ARMS if not self.args.arms or a.name in self.args.arms]
         return [(a, s) for s in self.args.seeds for a in arms]  # seed-major: finished seeds are complete pairs
 
     def done(self, arm: Arm, seed: int) -> bool:
-        path = result_path(arm, seed)
+        path = result_path(arm, seed, self.precision)
         if not path.is_file():
             return False
         digest, expected = json.loads(path.read_text()).get("protocol_digest"), protocol_digest(arm is TEACHER_ARM)
@@ -240,7 +296,7 @@ class Protocol:
         return True
 
     def ready(self, arm: Arm, seed: int) -> bool:
-        if "a_ce" in arm.needs and not ce_student(seed).is_file():
+        if "a_ce" in arm.needs and not ce_student(seed, self.precision).is_file():
             return False
         return all(self.done(a, seed) for a in ARMS if a.name in arm.needs)
 
@@ -251,8 +307,9 @@ class Protocol:
             return self.port
 
     def run(self, arm: Arm, seed: int, shards: Path) -> bool:
-        run_dir = self.out / "runs" / ("teacher" if arm is TEACHER_ARM else f"{arm.name}_s{seed}")
-        cmd = command(arm, seed, shards, run_dir, self.next_port())
+        name = "teacher" if arm is TEACHER_ARM else f"{arm.name}_s{seed}{SUFFIX[self.precision]}"
+        run_dir = self.out / "runs" / name
+        cmd = command(arm, seed, shards, run_dir, self.next_port(), self.precision)
         if self.args.dry_run:
             print("  " + " ".join(cmd))
             return True
@@ -272,14 +329,14 @@ class Protocol:
                 print(f"FAILED {run_dir.name}: exit {rc}, see {log_path}", file=sys.stderr, flush=True)
             return False
         result = summarise_run(arm, seed, run_dir, time.time() - start, threads)
-        written = [result_path(arm, seed)]
+        written = [result_path(arm, seed, self.precision)]
         _write_json(written[0], result)
         if arm is TEACHER_ARM:
             shutil.copy(run_dir / "export" / "student.safetensors", TEACHER)
             written.append(TEACHER)
         if arm.name == "a_ce":
-            shutil.copy(run_dir / "export" / "student.safetensors", ce_student(seed))
-            written.append(ce_student(seed))
+            shutil.copy(run_dir / "export" / "student.safetensors", ce_student(seed, self.precision))
+            written.append(ce_student(seed, self.precision))
         top1 = ", ".join(f"{k} {v:.2f}" for k, v in result["final"].items() if k not in ("epoch", "step"))
         print(f"done   {run_dir.name}: {top1} ({result['wall_clock_s'] / 60:.1f} min)", flush=True)
         if self.args.commit:
@@ -299,8 +356,8 @@ class Protocol:
             port = self.next_port()
             short = ("--set", f"run.max_steps={steps}", "--set", "run.export_at_end=false", "--set",
                      "run.log_every_steps=5")
-            cmd = [*command(arm, 1, shards, run_dir, port), *short]
-            cmd = [c.replace(str(ce_student(1)), str(COST_STUDENT)) for c in cmd]
+            cmd = [*command(arm, 1, shards, run_dir, port, self.precision), *short]
+            cmd = [c.replace(str(ce_student(1, self.precision)), str(COST_STUDENT)) for c in cmd]
             env = {**os.environ, "OMP_NUM_THREADS": str(self.args.threads)}
             subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, check=True)
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -317,13 +374,13 @@ class Protocol:
                 t.join()
         images = 10 * PROTOCOL["per_class"]
         total = 0.0
-        print(f"| arm | img/s ({self.args.threads} thread, {self.args.parallel} runs at once) | minutes per run |")
-        print("|---|---:|---:|")
+        print(f"| arm | img/s ({self.args.threads} thread, {self.args.parallel} runs at once) | epochs | "
+              "minutes per run |")
+        print("|---|---:|---:|---:|")
         for arm in arms:
-            epochs = PROTOCOL["finetune_epochs"] if arm.scenario == "c" else PROTOCOL["epochs"]
-            minutes = epochs * images / rates[arm.name] / 60
+            minutes = arm.schedule() * images / rates[arm.name] / 60
             total += minutes
-            print(f"| {arm.name} | {rates[arm.name]:.0f} | {minutes:.1f} |")
+            print(f"| {arm.name} | {rates[arm.name]:.0f} | {arm.schedule()} | {minutes:.1f} |")
         hours = total * len(self.args.seeds) / self.args.parallel / 60
         print(f"projected: {hours:.2f} h of training for {len(self.args.seeds)} seeds, {self.args.parallel} at a time "
               "(evaluations and start-up not included)")
@@ -351,7 +408,9 @@ class Protocol:
         if self.args.measure_cost:
             return self.measure_cost(self.args.measure_cost, shards)
         pending = [(a, s) for a, s in self.jobs() if not self.done(a, s)]
-        print(f"{len(self.jobs()) - len(pending)} of {len(self.jobs())} runs done; {len(pending)} to do", flush=True)
+        print(f"{len(self.jobs()) - len(pending)} of {len(self.jobs())} runs done; {len(pending)} to do "
+              f"({self.precision} on this CPU: results in {result_path(ARMS[0], 1, self.precision).parent})",
+              flush=True)
         return self._drain(pending, shards)
 
     def _drain(self, pending: list[tuple[Arm, int]], shards: Path) -> int:

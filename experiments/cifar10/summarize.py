@@ -8,7 +8,8 @@ comparisons (mean of the per-seed differences, 95% t-interval over the seeds, se
 with ``--images``, the growth and gap curves (mean over seeds, per evaluation). Accuracies are the **last**
 evaluation (end of training), never the best one: the test split is the only held-out data, so picking the best
 evaluation would select on it. With ``--doc``, the summary replaces what lies between the page's
-``<!-- results:begin -->`` and ``<!-- results:end -->`` lines (the rest of the page is written by hand).
+``<!-- results:begin -->`` and ``<!-- results:end -->`` lines (``results_fp32``'s for that directory; the rest of
+the page is written by hand). One directory holds runs of one precision (bf16 or float32) and is summarised alone.
 """
 
 from __future__ import annotations
@@ -40,29 +41,54 @@ COMPARISONS = (
      "a_dkd_gpd_trainmode", ""),
     ("control: branches", "GPD from scratch: plain IR -> branches", "b_gpd", "b_gpd_branches", ""),
     ("control: width", "GPD from scratch: r = 2 -> r = 4", "b_gpd", "b_gpd_r4", ""),
+    # issue 34: equal compute (the KD / DKD arm trained as long as its GPD arm costs), and equal epochs at 44
+    ("equal compute", "KD 44 ep -> KD + GPD 20 ep", "a_kd_long", "a_kd_gpd", ""),
+    ("equal compute", "DKD 45 ep -> DKD + GPD 20 ep", "a_dkd_long", "a_dkd_gpd", ""),
+    ("longer training", "KD 20 ep -> KD 44 ep", "a_kd", "a_kd_long", ""),
+    ("longer training", "DKD 20 ep -> DKD 45 ep", "a_dkd", "a_dkd_long", ""),
+    ("equal epochs, 44", "KD -> KD + GPD, 44 epochs", "a_kd_long", "a_kd_gpd_long", ""),
+    ("longer training", "KD + GPD 20 ep -> 44 ep", "a_kd_gpd", "a_kd_gpd_long", ""),
+    ("DIST", "CE -> DIST", "a_ce", "a_dist", ""),
+    ("DIST", "DIST -> DIST + GPD", "a_dist", "a_dist_gpd", ""),
+    ("ViT student", "CE -> KD", "v_ce", "v_kd", ""),
+    ("ViT student", "KD -> KD + GPD", "v_kd", "v_kd_gpd", ""),
+    ("ViT student", "CE -> GPD from scratch", "v_ce", "v_gpd", ""),
 )
 
 
 # the protocol's arms in its order (protocol.ARMS), and how the tables name the scenario letters
 ORDER = ("a_ce", "a_kd", "a_dkd", "a_kd_gpd", "a_dkd_gpd", "b_gpd", "c_plain", "c_gpd", "b_peer",
-         "a_dkd_gpd_trainmode", "b_gpd_branches", "b_gpd_r4")
+         "a_dkd_gpd_trainmode", "b_gpd_branches", "b_gpd_r4", "a_kd_long", "a_dkd_long", "a_kd_gpd_long", "a_dist",
+         "a_dist_gpd", "v_ce", "v_kd", "v_kd_gpd", "v_gpd")
 SCENARIOS = {"a": "(a) static teacher", "b": "(b) from scratch", "c": "(c) fine-tuning"}
 
 
 def load(results: Path) -> tuple[dict[str, dict[int, dict]], dict | None]:
     """{arm: {seed: result}} and the teacher's result; every file must come from one protocol."""
     arms: dict[str, dict[int, dict]] = {}
-    teacher, digests = None, set()
+    teacher, digests, precisions = None, set(), set()
     for path in sorted(results.glob("*.json")):
         r = json.loads(path.read_text())
         if r["arm"] == "teacher":  # its digest covers the teacher's part of the protocol only
             teacher = r
         else:
             digests.add(r["protocol_digest"])
+            precisions.add(precision(r))
             arms.setdefault(r["arm"], {})[r["seed"]] = r
     if len(digests) > 1:
         raise SystemExit(f"{results} mixes protocols {sorted(digests)}: summarise one protocol at a time")
+    if len(precisions) > 1:
+        raise SystemExit(f"{results} mixes precisions {sorted(precisions)}: a comparison pairs runs of one "
+                         "precision (results/ bf16, results_fp32/ float32)")
+    if teacher is None and (results.parent / "results" / "teacher.json").is_file():
+        teacher = json.loads((results.parent / "results" / "teacher.json").read_text())  # one teacher for all
     return arms, teacher
+
+
+def precision(r: dict) -> str:
+    """bf16 or fp32: what the run's autocast was (older test fixtures record none: bf16, the protocol's)."""
+    autocast = r.get("precision") or {"enabled": True}
+    return "bf16" if autocast.get("enabled") else "fp32"
 
 
 def final(r: dict, model: str = "student") -> float | None:
@@ -128,7 +154,7 @@ def comparison_table(arms: dict[str, dict[int, dict]]) -> str:
     return "\n".join(lines)
 
 
-def curves(arms: dict[str, dict[int, dict]], images: Path) -> list[Path]:
+def curves(arms: dict[str, dict[int, dict]], images: Path, suffix: str = "") -> list[Path]:
     """Mean over seeds, per evaluation: top-1 of student and dynamic teacher, and their gap, for GPD arms."""
     import matplotlib
 
@@ -160,14 +186,58 @@ def curves(arms: dict[str, dict[int, dict]], images: Path) -> list[Path]:
         acc.legend(fontsize=7)
         gap.legend(fontsize=7)
         fig.tight_layout()
-        path = images / f"cifar10_{name}.png"
+        path = images / f"cifar10_{name}{suffix}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written
 
 
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+# accuracy against training cost: (label, arms in order of length)
+COST_CURVES = (("CE", ("a_ce",)), ("KD", ("a_kd", "a_kd_long")), ("KD + GPD", ("a_kd_gpd", "a_kd_gpd_long")),
+               ("DKD", ("a_dkd", "a_dkd_long")), ("DKD + GPD", ("a_dkd_gpd",)), ("DIST", ("a_dist",)),
+               ("DIST + GPD", ("a_dist_gpd",)))
+
+
+def train_hours(r: dict, images: int = 10_000) -> float:
+    """A run's training cost on this machine: its epochs x images at its median training rate (evaluation and
+    start-up not counted)."""
+    return r["final"]["epoch"] * images / r["train_images_per_s"] / 3600
+
+
+def cost_plot(arms: dict[str, dict[int, dict]], images: Path, suffix: str = "") -> Path | None:
+    """Student top-1 (mean over seeds, 95% t-interval) against training minutes (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for i, (label, names) in enumerate(COST_CURVES):
+        points = []
+        for name in (n for n in names if n in arms):
+            runs = list(arms[name].values())
+            top1 = [final(r) for r in runs]
+            ci = t_interval(top1)
+            points.append((60 * statistics.mean(train_hours(r) for r in runs), statistics.mean(top1),
+                           (ci[2] - ci[0]) / 2 if ci else 0.0))
+        if points:
+            xs, ys, errs = zip(*points, strict=True)
+            ax.errorbar(xs, ys, yerr=errs, fmt="o-", color=f"C{i}", capsize=3, label=label)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="training minutes per run (this 2-core machine, 1 thread, 2 runs at once)",
+           ylabel="student test top-1 (%)", title="accuracy against cost (mean over seeds, 95% t-interval)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    images.mkdir(parents=True, exist_ok=True)
+    path = images / f"cifar10_cost{suffix}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def status(arms: dict[str, dict[int, dict]], expected_arms: int, seeds: list[int]) -> str:
@@ -177,12 +247,15 @@ def status(arms: dict[str, dict[int, dict]], expected_arms: int, seeds: list[int
             f"{', '.join(map(str, complete)) or 'none yet'}.")
 
 
-def write_into(doc: Path, text: str) -> None:
+def write_into(doc: Path, text: str, block: str = "results") -> None:
+    """Replace the page's ``<!-- {block}:begin -->`` ... ``<!-- {block}:end -->`` block (one per results
+    directory: results, results_fp32)."""
+    begin, end = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
     page = doc.read_text()
-    if BEGIN not in page or END not in page:
-        raise SystemExit(f"{doc} has no {BEGIN} ... {END} block to fill")
-    head, rest = page.split(BEGIN, 1)
-    doc.write_text(f"{head}{BEGIN}\n{text}{END}{rest.split(END, 1)[1]}")
+    if begin not in page or end not in page:
+        raise SystemExit(f"{doc} has no {begin} ... {end} block to fill")
+    head, rest = page.split(begin, 1)
+    doc.write_text(f"{head}{begin}\n{text}{end}{rest.split(end, 1)[1]}")
 
 
 def main() -> None:
@@ -190,7 +263,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--images", type=Path, default=None, help="write the curves here (docs/images)")
     parser.add_argument("--doc", type=Path, default=None, help="fill the results block of this page")
-    parser.add_argument("--arms", type=int, default=12, help="arms per seed in the protocol (for the status line)")
+    parser.add_argument("--arms", type=int, default=len(ORDER), help="arms per seed in the protocol (status line)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     args = parser.parse_args()
     arms, teacher = load(args.results)
@@ -203,10 +276,12 @@ def main() -> None:
     (args.results / "summary.md").write_text(text)
     print(text)
     if args.doc is not None:
-        write_into(args.doc, text)
+        write_into(args.doc, text, args.results.name)
     if args.images is not None:
-        for path in curves(arms, args.images):
-            print(f"wrote {path}")
+        suffix = args.results.name.removeprefix("results")  # "" or "_fp32"
+        for path in [*curves(arms, args.images, suffix), cost_plot(arms, args.images, suffix)]:
+            if path is not None:
+                print(f"wrote {path}")
 
 
 if __name__ == "__main__":

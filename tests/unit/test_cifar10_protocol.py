@@ -96,3 +96,44 @@ def test_commands_differ_between_arms_only_in_the_arms_overrides(tmp_path: Path)
     assert "run.seed=3" in shared
     assert "model.method=plain" in ce
     assert "model.method=gpd" in gpd
+
+
+def test_long_arms_train_their_cost_ratio_in_epochs_and_only_that_differs() -> None:
+    arms = {a.name: a for a in protocol.ARMS}
+    kd, kd_long = (protocol.command(arms[n], 2, Path("s"), Path("r"), 1) for n in ("a_kd", "a_kd_long"))
+    assert "optim.epochs=20" in kd
+    assert round(20 * protocol.COST_RATIO["kl"]) == 44
+    assert "optim.epochs=44" in kd_long
+    assert [c for c in kd if not c.startswith(("optim.epochs", "--run-dir")) and "a_kd" not in c] == \
+        [c for c in kd_long if not c.startswith(("optim.epochs", "--run-dir")) and "a_kd" not in c]
+    vit = protocol.command(arms["v_kd_gpd"], 2, Path("s"), Path("r"), 1)
+    assert "model.student=vit_tiny_patch16_224" in vit
+    assert "optim.optimizer=adamw" in vit
+
+
+def test_results_of_each_precision_live_apart_and_are_not_summarised_together(tmp_path: Path) -> None:
+    arm = next(a for a in protocol.ARMS if a.name == "a_kd")
+    assert protocol.result_path(arm, 1, "bf16").parent.name == "results"
+    assert protocol.result_path(arm, 1, "fp32").parent.name == "results_fp32"
+    assert protocol.result_path(protocol.TEACHER_ARM, 0, "fp32").parent.name == "results"  # one static teacher
+    assert protocol.ce_student(3, "fp32").name == "a_ce_s3_fp32.safetensors"
+    digest = protocol.protocol_digest()
+    for seed, enabled in ((1, True), (2, False)):
+        r = _result("a_ce", seed, 60.0, digest)
+        r["precision"] = {"enabled": enabled, "dtype": "bfloat16"} if enabled else {"enabled": False}
+        (tmp_path / f"a_ce_s{seed}.json").write_text(json.dumps(r))
+    with pytest.raises(SystemExit, match=r"mixes precisions \['bf16', 'fp32'\]"):
+        summarize.load(tmp_path)
+
+
+def test_the_cost_plot_places_each_arm_at_its_training_time(tmp_path: Path) -> None:
+    digest = protocol.protocol_digest()
+    for arm, epochs, rate in (("a_kd", 20, 600.0), ("a_kd_long", 44, 600.0), ("a_kd_gpd", 20, 280.0)):
+        for seed in (1, 2):
+            r = _result(arm, seed, 70.0 + seed, digest)
+            r["final"]["epoch"], r["train_images_per_s"] = float(epochs), rate
+            (tmp_path / f"{arm}_s{seed}.json").write_text(json.dumps(r))
+    arms, _ = summarize.load(tmp_path)
+    assert summarize.train_hours(arms["a_kd_long"][1]) == pytest.approx(44 * 10_000 / 600 / 3600)
+    assert summarize.cost_plot(arms, tmp_path / "img", "_x") == tmp_path / "img" / "cifar10_cost_x.png"
+    assert (tmp_path / "img" / "cifar10_cost_x.png").stat().st_size > 0
