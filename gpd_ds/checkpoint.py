@@ -391,7 +391,8 @@ def check_compatible(marker: Marker, config: dict, zero_stage: int) -> None:
     if marker.config is None:
         return
     changes = config_changes(marker.config, config)
-    blocking = {k: v for k, v in changes.items() if k in INCOMPATIBLE_KEYS}
+    old = _flat(json.loads(json.dumps(marker.config, default=str)))
+    blocking = {k: v for k, v in changes.items() if k in INCOMPATIBLE_KEYS and not _added_at_default(k, v[1], old)}
     kd = changes.get("loss.kd")
     if kd is not None and _feature_loss(kd[0]) != _feature_loss(kd[1]):
         blocking["loss.kd"] = kd  # another feature loss has other connectors' tensors (or none)
@@ -400,7 +401,6 @@ def check_compatible(marker: Marker, config: dict, zero_stage: int) -> None:
         raise IncompatibleCheckpointError(
             f"{marker.path} cannot continue with this config: {listed}. Use the checkpoint's values (drop the "
             "--set), or start the new model in a new --run-dir")
-    old = _flat(json.loads(json.dumps(marker.config, default=str)))
     changed = {k: v for k, v in changes.items() if k != "recipe" and not _added_at_default(k, v[1], old)}
     if changed:
         log.warning("the config differs from %s's; continuing with the new values: %s", marker.path.name,

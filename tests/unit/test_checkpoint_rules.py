@@ -277,3 +277,21 @@ def test_a_setting_newer_than_the_checkpoint_at_its_default_is_no_change(caplog)
     with caplog.at_level("WARNING", logger="gpd_ds.checkpoint"):
         check_compatible(Marker(Path("step000000005"), 5, 1, 2, None, old), config, 2)
     assert "loss.dist_beta None -> 2.0" in caplog.text
+
+
+def test_tap_lists_newer_than_the_checkpoint_resume_and_changed_taps_are_refused(tmp_path: Path) -> None:
+    """A checkpoint from before loss.student_taps existed resumes (its connectors read the default taps); changing
+    the taps or the feature loss changes the connectors' tensors and is refused."""
+    config = json.loads(json.dumps(TrainConfig().to_dict(), default=str))
+    old = json.loads(json.dumps(config))
+    del old["loss"]["student_taps"], old["loss"]["teacher_taps"]
+    check_compatible(_marker(tmp_path, old), config, zero_stage=2)
+    config["loss"]["student_taps"] = ["stages.1"]
+    with pytest.raises(IncompatibleCheckpointError, match=r"loss.student_taps: None in the checkpoint, "):
+        check_compatible(_marker(tmp_path, old), config, zero_stage=2)
+    before, after = TrainConfig().to_dict(), TrainConfig().to_dict()
+    before["loss"]["kd"], after["loss"]["kd"] = "dkd+reviewkd", "dkd+fitnet"
+    with pytest.raises(IncompatibleCheckpointError, match=r"loss.kd: 'dkd\+reviewkd' in the checkpoint"):
+        check_compatible(_marker(tmp_path, before), after, zero_stage=2)
+    after["loss"]["kd"] = "kl+reviewkd"  # the same connectors: a change of the logit term only
+    check_compatible(_marker(tmp_path, before), after, zero_stage=2)
