@@ -154,6 +154,16 @@ def comparison_table(arms: dict[str, dict[int, dict]]) -> str:
     return "\n".join(lines)
 
 
+# the dynamic teacher's growth, one figure per group of GPD arms (a figure with none of its arms is not drawn)
+GROWTH_PANELS = {
+    "growth": [("a_dkd_gpd", "DKD + GPD"), ("b_gpd", "GPD from scratch"), ("b_peer", "online peer"),
+               ("b_gpd_r4", "GPD from scratch, r = 4")],
+    "growth_extension": [("a_kd_gpd", "KD + GPD"), ("a_kd_gpd_long", "KD + GPD, 44 epochs"),
+                         ("a_dist_gpd", "DIST + GPD"), ("v_kd_gpd", "ViT: KD + GPD"),
+                         ("v_gpd", "ViT: GPD from scratch")],
+}
+
+
 def curves(arms: dict[str, dict[int, dict]], images: Path, suffix: str = "") -> list[Path]:
     """Mean over seeds, per evaluation: top-1 of student and dynamic teacher, and their gap, for GPD arms."""
     import matplotlib
@@ -163,11 +173,12 @@ def curves(arms: dict[str, dict[int, dict]], images: Path, suffix: str = "") -> 
 
     images.mkdir(parents=True, exist_ok=True)
     written = []
-    panels = {"growth": [("a_dkd_gpd", "DKD + GPD"), ("b_gpd", "GPD from scratch"), ("b_peer", "online peer"),
-                         ("b_gpd_r4", "GPD from scratch, r = 4")]}
-    for name, shown in panels.items():
+    for name, shown in GROWTH_PANELS.items():
+        shown = [(arm, label) for arm, label in shown if arm in arms]
+        if not shown:
+            continue
         fig, (acc, gap) = plt.subplots(1, 2, figsize=(11, 4))
-        for i, (arm, label) in enumerate(a for a in shown if a[0] in arms):
+        for i, (arm, label) in enumerate(shown):
             runs = list(arms[arm].values())
             epochs = [e["epoch"] for e in runs[0]["evals"]]
             colour = f"C{i}"
@@ -177,7 +188,8 @@ def curves(arms: dict[str, dict[int, dict]], images: Path, suffix: str = "") -> 
             gaps = [statistics.mean(r["evals"][k]["dynamic_teacher"] - r["evals"][k]["student"] for r in runs)
                     for k in range(len(epochs))]
             gap.plot(epochs, gaps, "-", color=colour, label=label)
-        static = next((r["final"].get("static_teacher") for r in arms.get("a_dkd_gpd", {}).values()), None)
+        static = next((r["final"]["static_teacher"] for arm, _ in shown for r in arms[arm].values()
+                       if "static_teacher" in r["final"]), None)
         if static is not None:
             acc.axhline(static, color="k", linestyle=":", label="static teacher")
         acc.set(xlabel="epoch", ylabel="test top-1 (%)", title="mean over seeds")
@@ -196,7 +208,8 @@ def curves(arms: dict[str, dict[int, dict]], images: Path, suffix: str = "") -> 
 # accuracy against training cost: (label, arms in order of length)
 COST_CURVES = (("CE", ("a_ce",)), ("KD", ("a_kd", "a_kd_long")), ("KD + GPD", ("a_kd_gpd", "a_kd_gpd_long")),
                ("DKD", ("a_dkd", "a_dkd_long")), ("DKD + GPD", ("a_dkd_gpd",)), ("DIST", ("a_dist",)),
-               ("DIST + GPD", ("a_dist_gpd",)))
+               ("DIST + GPD", ("a_dist_gpd",)), ("ViT: CE", ("v_ce",)), ("ViT: KD", ("v_kd",)),
+               ("ViT: KD + GPD", ("v_kd_gpd",)), ("ViT: GPD from scratch", ("v_gpd",)))
 
 
 def train_hours(r: dict, images: int = 10_000) -> float:
@@ -224,7 +237,8 @@ def cost_plot(arms: dict[str, dict[int, dict]], images: Path, suffix: str = "") 
                            (ci[2] - ci[0]) / 2 if ci else 0.0))
         if points:
             xs, ys, errs = zip(*points, strict=True)
-            ax.errorbar(xs, ys, yerr=errs, fmt="o-", color=f"C{i}", capsize=3, label=label)
+            ax.errorbar(xs, ys, yerr=errs, fmt="s--" if label.startswith("ViT") else "o-", color=f"C{i}",
+                        capsize=3, label=label)
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -240,10 +254,11 @@ def cost_plot(arms: dict[str, dict[int, dict]], images: Path, suffix: str = "") 
     return path
 
 
-def status(arms: dict[str, dict[int, dict]], expected_arms: int, seeds: list[int]) -> str:
+def status(arms: dict[str, dict[int, dict]], seeds: list[int]) -> str:
+    """Runs done, and the seeds every arm with a result has (the arms a directory's plan ran so far)."""
     done = sum(len(runs) for runs in arms.values())
-    complete = [s for s in seeds if sum(s in runs for runs in arms.values()) == expected_arms]
-    return (f"{done} of {expected_arms * len(seeds)} runs done; seeds with every arm: "
+    complete = [s for s in seeds if all(s in runs for runs in arms.values())]
+    return (f"{done} runs of {len(arms)} arms done; seeds every one of them has: "
             f"{', '.join(map(str, complete)) or 'none yet'}.")
 
 
@@ -263,13 +278,12 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--images", type=Path, default=None, help="write the curves here (docs/images)")
     parser.add_argument("--doc", type=Path, default=None, help="fill the results block of this page")
-    parser.add_argument("--arms", type=int, default=len(ORDER), help="arms per seed in the protocol (status line)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     args = parser.parse_args()
     arms, teacher = load(args.results)
     if not arms:
         raise SystemExit(f"no results in {args.results}: run experiments/cifar10/protocol.py first")
-    text = (f"{status(arms, args.arms, args.seeds)}\n\n"
+    text = (f"{status(arms, args.seeds)}\n\n"
             f"Per arm (top-1 %, last evaluation, mean ± std over seeds):\n\n{arm_table(arms, teacher)}\n\n"
             f"Paired by seed (treatment - baseline, top-1 points; bold: the 95% t-interval excludes 0):\n\n"
             f"{comparison_table(arms)}\n")

@@ -137,3 +137,15 @@ def test_the_cost_plot_places_each_arm_at_its_training_time(tmp_path: Path) -> N
     assert summarize.train_hours(arms["a_kd_long"][1]) == pytest.approx(44 * 10_000 / 600 / 3600)
     assert summarize.cost_plot(arms, tmp_path / "img", "_x") == tmp_path / "img" / "cifar10_cost_x.png"
     assert (tmp_path / "img" / "cifar10_cost_x.png").stat().st_size > 0
+
+
+def test_a_partial_plan_counts_its_own_arms_and_draws_only_the_growth_it_has(tmp_path: Path) -> None:
+    digest = protocol.protocol_digest()
+    for arm, seeds in (("a_kd", (1, 2, 3)), ("a_kd_gpd", (1, 2))):
+        for seed in seeds:
+            r = _result(arm, seed, 70.0, digest, dynamic=72.0 if arm.endswith("gpd") else None)
+            (tmp_path / f"{arm}_s{seed}.json").write_text(json.dumps(r))
+    arms, _ = summarize.load(tmp_path)
+    assert summarize.status(arms, [1, 2, 3, 4, 5]) == "5 runs of 2 arms done; seeds every one of them has: 1, 2."
+    # the extension's GPD arm is drawn; the first protocol's growth figure, with none of its arms here, is not
+    assert summarize.curves(arms, tmp_path / "img", "_x") == [tmp_path / "img" / "cifar10_growth_extension_x.png"]
