@@ -237,7 +237,7 @@ def cost_plot(arms: dict[str, dict[int, dict]], images: Path, suffix: str = "") 
                            (ci[2] - ci[0]) / 2 if ci else 0.0))
         if points:
             xs, ys, errs = zip(*points, strict=True)
-            ax.errorbar(xs, ys, yerr=errs, fmt="s--" if label.startswith("ViT") else "o-", color=f"C{i}",
+            ax.errorbar(xs, ys, yerr=errs, fmt="s--" if names[0].startswith("v_") else "o-", color=f"C{i}",
                         capsize=3, label=label)
             drawn = True
     if not drawn:
