@@ -51,7 +51,8 @@ def _make_shards(args: argparse.Namespace) -> int:
     max_pixels = MAX_IMAGE_PIXELS if args.max_pixels is None else args.max_pixels
     entry = make_shards(args.src, args.out, args.split, shard_size=args.shard_size, workers=args.workers,
                         shuffle_seed=args.shuffle_seed, prefix=args.prefix, class_mapping=args.class_mapping,
-                        resume=args.resume, max_pixels=max_pixels, strict=args.strict)
+                        resume=args.resume, max_pixels=max_pixels, strict=args.strict, max_side=args.max_side,
+                        jpeg_quality=args.jpeg_quality)
     for line in summary_lines(entry, args.out):
         print(line)
     return 0
@@ -196,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=None, metavar="N", help="leave out (and list in the index) images "
                    "larger than this, width x height judged from the header before decoding (default 89,478,485, "
                    "PIL's limit)")
+    p.add_argument("--max-side", type=int, default=None, metavar="N", help="store images whose longer side is over "
+                   "N shrunk to N (aspect kept, re-encoded as JPEG): cheaper decoding in every epoch; the rest keep "
+                   "their bytes (default: off; FFCV stores ImageNet at 400-500, and below ~342 the 256-px eval "
+                   "resize upsamples a 4:3 photo)")
+    p.add_argument("--jpeg-quality", type=int, default=90, metavar="Q", help="JPEG quality of the images "
+                   "--max-side shrinks (default 90, FFCV's)")
     p.add_argument("--strict", action="store_true", help="refuse a doubtful layout (class folders without "
                    "images, fewer than 2 classes, split folders such as train/ as classes, non-image files) "
                    "instead of warning")

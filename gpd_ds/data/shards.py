@@ -22,6 +22,11 @@ Decisions:
   is a warning, logged and recorded in the split's index entry (``layout_warnings``; ``empty_classes`` lists
   the classes with 0 samples); ``strict`` refuses them all in one error instead. A class left with 0 samples
   because all its files were left out is found only after writing, so it is always a recorded warning.
+* ``max_side`` (off by default) bounds the resolution: an image whose longer side exceeds it is decoded once,
+  shrunk (aspect kept, Lanczos after libjpeg's DCT-domain pre-shrink, as PIL's ``thumbnail``) and re-encoded as a
+  baseline JPEG of ``jpeg_quality``; every other image keeps its bytes. Decoding a smaller JPEG costs
+  proportionally less in every epoch (FFCV stores ImageNet at <= 400-500 px for this; ``BENCHMARKS.md`` has the
+  measured speed-up). The bound and the count it shrank are recorded in the split's index entry.
 * Samples are shuffled across shards (seeded), so a shard holds many classes.
 * A shard is written under a temporary name and renamed when complete: a crash never leaves a truncated shard
   under its final name. Re-running over an output that holds shards of the split refuses, unless ``resume``,
@@ -334,6 +339,7 @@ class _ShardResult:
     labels: Counter = field(default_factory=Counter)  # samples written per label
     skipped: list[str] = field(default_factory=list)
     kinds: Counter = field(default_factory=Counter)
+    shrunk: int = 0  # images re-encoded to the max_side bound
 
 
 def image_header(data: bytes) -> tuple[str, str, int, int]:
@@ -376,6 +382,50 @@ def image_size(data: bytes) -> tuple[int, int]:
     return width, height
 
 
+# The smallest --max-side accepted: below it a 224/256-px crop would come from a heavily upsampled image.
+MIN_SIDE = 64
+
+
+@dataclass(frozen=True)
+class ImageRules:
+    """What the writer does with each image: leave out those over ``max_pixels``; shrink those whose longer side
+    is over ``max_side`` (None: never) and store them as JPEGs of ``jpeg_quality``."""
+
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_side: int | None = None
+    jpeg_quality: int = 90
+
+    def check(self) -> None:
+        if self.max_pixels < 1:
+            raise ShardWriteError(f"--max-pixels {self.max_pixels} must be >= 1 (default {MAX_IMAGE_PIXELS:,}, "
+                                  "PIL's limit)")
+        if self.max_side is not None and self.max_side < MIN_SIDE:
+            raise ShardWriteError(f"--max-side {self.max_side} must be >= {MIN_SIDE} (FFCV stores ImageNet at "
+                                  "400-500; below ~342 the 256-px eval resize upsamples a 4:3 image)")
+        if not 1 <= self.jpeg_quality <= 95:
+            raise ShardWriteError(f"--jpeg-quality {self.jpeg_quality} must be in 1..95 (default 90; above 95 "
+                                  "libjpeg only grows the file)")
+
+
+
+def _shrunk(data: bytes, width: int, height: int, rules: ImageRules) -> bytes | None:
+    """The image re-encoded with its longer side at ``rules.max_side`` (a baseline RGB JPEG), or None when it
+    is within the bound (its bytes are kept)."""
+    if rules.max_side is None or max(width, height) <= rules.max_side:
+        return None
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # max_pixels has judged the size already
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.seek(0)  # an animated image: its first frame, as the loader reads it
+            im.thumbnail((rules.max_side, rules.max_side), Image.Resampling.LANCZOS)
+            rgb = im.convert("RGB")
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    out = io.BytesIO()
+    rgb.save(out, "JPEG", quality=rules.jpeg_quality)
+    return out.getvalue()
+
+
 def _too_large(width: int, height: int, max_pixels: int) -> str | None:
     """Why an image of this size is left out, or None when it is kept."""
     if width * height <= max_pixels:
@@ -409,8 +459,8 @@ def _worker_pool(workers: int) -> multiprocessing.pool.Pool:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _write_shard(task: tuple[int, str, list[Sample], int]) -> _ShardResult:
-    index, final, samples, max_pixels = task
+def _write_shard(task: tuple[int, str, list[Sample], ImageRules]) -> _ShardResult:
+    index, final, samples, rules = task
     result = _ShardResult(index)
     tmp = f"{final}.partial-{os.getpid()}"
     # A fixed integer mtime: reproducible shards, and no PAX header per member (a float mtime needs one).
@@ -427,11 +477,20 @@ def _write_shard(task: tuple[int, str, list[Sample], int]) -> _ShardResult:
             except (OSError, ValueError, EOFError) as e:
                 result.skipped.append(f"{s.path}: {type(e).__name__}: {e}")
                 continue
-            reason = _too_large(width, height, max_pixels)
+            reason = _too_large(width, height, rules.max_pixels)
             if reason:
                 result.skipped.append(f"{s.path}: {reason}")
                 continue
-            if (fmt, mode) != ("JPEG", "RGB"):
+            try:
+                shrunk = _shrunk(data, width, height, rules)
+            except (OSError, ValueError, EOFError) as e:  # a header PIL reads but pixels it cannot
+                result.skipped.append(f"{s.path}: cannot shrink to --max-side {rules.max_side}: "
+                                      f"{type(e).__name__}: {e}")
+                continue
+            if shrunk is not None:
+                data = shrunk
+                result.shrunk += 1
+            elif (fmt, mode) != ("JPEG", "RGB"):
                 result.kinds[f"{fmt}/{mode}"] += 1
             sink.write({"__key__": s.key, "jpg": data, "cls": str(s.label).encode()})
             result.labels[s.label] += 1
@@ -445,9 +504,10 @@ def _shard_labels(shard: Path) -> Counter:
         return Counter(int(tar.extractfile(m).read()) for m in tar if m.name.endswith(".cls"))
 
 
-def _plan_signature(samples: list[Sample], classes: list[str], shard_size: int, seed: int, max_pixels: int) -> str:
+def _plan_signature(samples: list[Sample], classes: list[str], shard_size: int, seed: int, rules: ImageRules) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([classes, shard_size, seed, max_pixels]).encode())
+    bound = [] if rules.max_side is None else [rules.max_side, rules.jpeg_quality]  # old plans stay resumable
+    h.update(json.dumps([classes, shard_size, seed, rules.max_pixels, *bound]).encode())
     for s in samples:
         h.update(f"{s.path}\0{s.label}\n".encode())
     return h.hexdigest()
@@ -467,18 +527,19 @@ def _planned_signature(plan_path: Path, out: Path) -> str | None:
 def make_shards(src: str | Path, out: str | Path, split: str, *, shard_size: int = 1000, workers: int | None = None,
                 shuffle_seed: int = 0, prefix: str | None = None, class_mapping: str | Path | None = None,
                 resume: bool = False, progress: bool = True, max_pixels: int = MAX_IMAGE_PIXELS,
-                strict: bool = False) -> dict:
+                strict: bool = False, max_side: int | None = None, jpeg_quality: int = 90) -> dict:
     """Convert the ImageFolder tree ``src`` into shards of ``split`` under ``out``; return the split's index entry.
 
     The class order comes from ``class_mapping``, else from a split already in ``out``'s index, else from the
     sorted folder names; every split in one ``out`` shares it. Images over ``max_pixels`` (width x height) are
-    left out and listed in ``skipped_files``. Layout problems are logged and returned in ``layout_warnings``,
-    or refused all at once with ``strict``.
+    left out and listed in ``skipped_files``; images whose longer side is over ``max_side`` are stored shrunk to
+    it (JPEG of ``jpeg_quality``), counted in ``shrunk_files``. Layout problems are logged and returned in
+    ``layout_warnings``, or refused all at once with ``strict``.
     """
     if shard_size < 1:
         raise ShardWriteError(f"--shard-size {shard_size} must be >= 1 (ImageNet: 1000 gives ~110 MB shards)")
-    if max_pixels < 1:
-        raise ShardWriteError(f"--max-pixels {max_pixels} must be >= 1 (default {MAX_IMAGE_PIXELS:,}, PIL's limit)")
+    rules = ImageRules(max_pixels, max_side, jpeg_quality)
+    rules.check()
     if not re.fullmatch(r"[A-Za-z0-9_]+", split):
         raise ShardWriteError(f"--split {split!r} must be a simple name such as train or val")
     out = Path(out)
@@ -509,7 +570,7 @@ def make_shards(src: str | Path, out: str | Path, split: str, *, shard_size: int
     chunks = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
     names = [f"{prefix}-{split}-{i:06d}.tar" for i in range(len(chunks))]
     plan_path = out / f".{prefix}-{split}.plan.json"
-    signature = _plan_signature(samples, classes, shard_size, shuffle_seed, max_pixels)
+    signature = _plan_signature(samples, classes, shard_size, shuffle_seed, rules)
     existing = sorted(out.glob(f"{prefix}-{split}-*.tar"))
     if existing and not resume:
         raise ShardWriteError(f"{str(out)!r} already holds {len(existing)} shards of split {split!r} from an "
@@ -517,8 +578,8 @@ def make_shards(src: str | Path, out: str | Path, split: str, *, shard_size: int
     planned = _planned_signature(plan_path, out) if resume else None
     if planned not in (None, signature):
         raise ShardWriteError(f"cannot resume into {str(out)!r}: the source files, classes, --shard-size, "
-                              "--shuffle-seed or --max-pixels differ from the interrupted run; rerun with the same "
-                              "arguments")
+                              "--shuffle-seed, --max-pixels, --max-side or --jpeg-quality differ from the "
+                              "interrupted run; rerun with the same arguments")
     if resume and existing and planned is None:
         raise ShardWriteError(f"cannot resume into {str(out)!r}: shards exist but no plan file "
                               f"{plan_path.name}; choose another OUT")
@@ -527,11 +588,12 @@ def make_shards(src: str | Path, out: str | Path, split: str, *, shard_size: int
     _write_json_atomic(plan_path, {"signature": signature, "split": split, "num_shards": len(chunks)})
 
     done = {p.name for p in existing}
-    tasks = [(i, str(out / n), c, max_pixels) for i, (n, c) in enumerate(zip(names, chunks, strict=True))
+    tasks = [(i, str(out / n), c, rules) for i, (n, c) in enumerate(zip(names, chunks, strict=True))
              if n not in done]
     labels = {i: _shard_labels(out / n) for i, n in enumerate(names) if n in done}
     skipped: list[str] = []
     kinds: Counter = Counter()
+    shrunk = 0
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
     initial = sum(len(chunks[i]) for i in labels)
     with (Progress(len(samples), f"shards {split}", unit="img", enabled=progress, initial=initial) as bar,
@@ -540,6 +602,7 @@ def make_shards(src: str | Path, out: str | Path, split: str, *, shard_size: int
             labels[result.index] = result.labels
             skipped += result.skipped
             kinds.update(result.kinds)
+            shrunk += result.shrunk
             bar.update(len(chunks[result.index]))
     skipped.sort()  # shards finish in any order; the index should not
     for line in skipped:
@@ -550,7 +613,8 @@ def make_shards(src: str | Path, out: str | Path, split: str, *, shard_size: int
     warnings = scan.problems + _emptied_classes(empty, scan.empty_classes, split)
     entry = {"name": split, "num_samples": sum(written.values()), "filenames": names,
              "shard_lengths": [sum(labels[i].values()) for i in range(len(names))], "shuffle_seed": shuffle_seed,
-             "source": str(Path(src).resolve()), "max_pixels": max_pixels, "skipped_files": skipped,
+             "source": str(Path(src).resolve()), "max_pixels": max_pixels, "max_side": max_side,
+             "jpeg_quality": jpeg_quality if max_side else None, "shrunk_files": shrunk, "skipped_files": skipped,
              "non_rgb_jpeg_files": dict(sorted(kinds.items())), "empty_classes": empty,
              "layout_warnings": warnings}
     index = read_index(out)  # re-read: another split may have been added meanwhile
@@ -588,6 +652,9 @@ def summary_lines(entry: dict, out: str | Path) -> list[str]:
         lines += [f"  {line}" for line in skipped[:_NAMED]]
         if len(skipped) > _NAMED:
             lines.append(f"  ... and {len(skipped) - _NAMED:,} more")
+    if entry.get("shrunk_files"):
+        lines.append(f"shrank {_plural(entry['shrunk_files'], 'image')} to a longer side of {entry['max_side']} px "
+                     f"(JPEG quality {entry['jpeg_quality']})")
     kinds = entry["non_rgb_jpeg_files"]
     if kinds:
         parts = [f"{n:,} {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))]

@@ -219,6 +219,63 @@ def test_small_max_pixels_leaves_out_exactly_the_larger_images(tmp_path: Path, m
         assert re.fullmatch(rf".*\.JPEG: \d+x\d+ = [\d,]+ pixels > --max-pixels {max_pixels}", line)
 
 
+def _sized_tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Two classes of JPEGs and a PNG around a 96-px bound: {key: (width, height)}."""
+    sizes = {"a/wide": (200, 90), "a/tall": (70, 150), "a/fits": (96, 60), "b/small": (40, 30),
+             "b/png": (130, 130), "b/cmyk": (120, 80)}
+    for i, (name, (w, h)) in enumerate(sizes.items()):
+        folder, stem = name.split("/")
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        fmt, mode = ("PNG", "RGB") if stem == "png" else ("JPEG", "CMYK" if stem == "cmyk" else "RGB")
+        (root / folder / f"{stem}.{fmt.lower()}").write_bytes(jpeg_bytes(w, h, seed=i, mode=mode, fmt=fmt))
+    return {f"{name.replace('/', '_')}": size for name, size in sizes.items()}
+
+
+def test_max_side_shrinks_exactly_the_larger_images_and_keeps_the_rest_byte_exact(tmp_path: Path) -> None:
+    sizes = _sized_tree(tmp_path / "train")
+    originals = {key: data for key, (data, _) in _read_all_src(tmp_path / "train").items()}
+    entry = make_shards(tmp_path / "train", tmp_path / "out", "train", shard_size=2, workers=2, progress=False,
+                        max_side=96, jpeg_quality=80)
+    larger = {key for key, (w, h) in sizes.items() if max(w, h) > 96}
+    assert (entry["max_side"], entry["jpeg_quality"]) == (96, 80)
+    assert entry["shrunk_files"] == len(larger) == 4
+    assert entry["non_rgb_jpeg_files"] == {}  # the PNG and the CMYK JPEG were over the bound: now RGB JPEGs
+    for key, (data, _) in _read_all(tmp_path / "out", "train").items():
+        fmt, mode, w, h = shards_mod.image_header(data)
+        if key in larger:
+            source_w, source_h = sizes[key]
+            assert (fmt, mode, max(w, h)) == ("JPEG", "RGB", 96)
+            assert abs(w / h - source_w / source_h) < 0.03  # aspect kept (to the rounding of a side)
+            image, _ = decode({"jpg": data, "cls": b"0"}, 2)
+            assert image.shape == (3, h, w)
+        else:
+            assert data == originals[key]  # within the bound: the file's own bytes
+    assert read_index(tmp_path / "out")["splits"]["train"]["shrunk_files"] == 4
+
+
+def test_max_side_is_part_of_the_resume_plan_and_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _sized_tree(tmp_path / "train")
+    with pytest.raises(ShardWriteError, match="--max-side 63 must be >= 64"):
+        make_shards(tmp_path / "train", tmp_path / "out", "train", max_side=63, progress=False)
+    with pytest.raises(ShardWriteError, match=r"--jpeg-quality 96 must be in 1\.\.95"):
+        make_shards(tmp_path / "train", tmp_path / "out", "train", max_side=96, jpeg_quality=96, progress=False)
+    rules = shards_mod.ImageRules
+    signature = shards_mod._plan_signature
+    assert signature([], ["a"], 5, 0, rules(max_side=96)) != signature([], ["a"], 5, 0, rules(max_side=128))
+    assert signature([], ["a"], 5, 0, rules(max_side=96)) != signature([], ["a"], 5, 0, rules(max_side=96,
+                                                                                              jpeg_quality=80))
+    assert main(["make-shards", str(tmp_path / "train"), str(tmp_path / "out"), "--split", "train", "--workers", "1",
+                 "--max-side", "100"]) == 0
+    assert "shrank 4 images to a longer side of 100 px (JPEG quality 90)" in capsys.readouterr().out
+
+
+def _read_all_src(root: Path) -> dict[str, tuple[bytes, int]]:
+    """{sample key: (file bytes, label)} of an ImageFolder tree, keyed as the writer keys it."""
+    classes = sorted(p.name for p in root.iterdir())
+    return {f"{path.parent.name}_{path.stem}": (path.read_bytes(), classes.index(path.parent.name))
+            for path in sorted(root.glob("*/*"))}
+
+
 def test_max_pixels_must_be_positive_and_its_help_gives_the_default(tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture) -> None:
     image_tree(tmp_path / "train", per_class=1)
