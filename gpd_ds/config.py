@@ -122,6 +122,9 @@ class DataConfig:
     max_image_pixels: int = 89_478_485  # larger images (width x height, from the header) are skipped and counted
     repeated_aug: int = 1  # DeiT's repeated augmentation: each sample R times per epoch, on R consecutive ranks, each
     # copy augmented differently, the epoch's length kept (DeiT/RVT: 3); 1: off. Streaming loader only
+    # where train images are decoded (data/device_decode.py): cpu (the loader workers), device (the rank's device:
+    # nvJPEG on a GPU; workers only read bytes and draw crops), auto (device on CUDA where the augmentation allows)
+    decode: str = "auto"
     augment: Augment = field(default_factory=Augment)
 
 
@@ -404,6 +407,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.in_memory_max_gb", _above(0), "use a positive size in GB, e.g. 8"),
     ("data.max_image_pixels", _AT_LEAST_ONE, "use a positive pixel count (width x height)"),
     ("data.repeated_aug", _AT_LEAST_ONE, "use 1 (off) or the copies of each sample per epoch, e.g. 3 (DeiT, RVT)"),
+    ("data.decode", _one_of("auto", "cpu", "device"), "use auto (device on a GPU where it can), cpu or device"),
     ("data.augment.pad_crop", _at_least(0), "use 0 (RandomResizedCrop) or a padding in pixels, e.g. 4 (CIFAR)"),
     ("data.augment.scale", _increasing_pair(high=1), "use 2 increasing area fractions in (0, 1], e.g. 0.08,1.0"),
     ("data.augment.ratio", _increasing_pair(), "use 2 increasing positive aspect ratios, e.g. 0.75,1.333"),
@@ -514,6 +518,11 @@ def _cross_field_rows(cfg: TrainConfig) -> list[tuple[bool, str, Any, str]]:
          f"optim.lr={o.lr} (the warm-up rises from it to optim.lr)"),
         (cfg.data.repeated_aug == 1 or not cfg.data.in_memory, "data.repeated_aug", cfg.data.repeated_aug,
          "repeated augmentation is a mode of the streaming loader: set data.in_memory=false, or data.repeated_aug=1"),
+        (cfg.data.decode != "device" or not cfg.data.in_memory, "data.decode", cfg.data.decode,
+         "the in-memory loader decodes the split once, up front: use data.decode=auto or cpu with data.in_memory"),
+        (cfg.data.decode != "device" or not cfg.data.augment.auto_augment, "data.decode", cfg.data.decode,
+         f"timm's {cfg.data.augment.auto_augment} policy runs on PIL images in the loader workers, which then decode "
+         "too: use data.decode=auto or cpu, or data.augment.auto_augment=none"),
     ]
 
 

@@ -30,7 +30,9 @@ Train (``TrainLoader``), decisions and why:
   epoch keeps its batch count and covers a uniform random 1 / R of the samples, as the sampler's permutation does
   (:meth:`TrainShards._stream`).
 * Workers emit uint8 batches; normalisation, random erasing and mixup run on the device
-  (:mod:`gpd_ds.data.transforms`).
+  (:mod:`gpd_ds.data.transforms`). With ``decode="device"`` they emit the image files and each sample's drawn
+  crop instead, and the rank decodes on its device (:mod:`gpd_ds.data.device_decode`); the stream, the seeds
+  and the bad-sample counts are the same.
 
 Eval (``eval_loader``): shards in a fixed order, shard ``j`` to slot ``j % (ranks * workers)``, every sample read
 exactly once, last batch partial; ranks may get different batch counts, so evaluation sums its counts locally and
@@ -39,7 +41,6 @@ reduces once at the end, and fails when fewer than ``1 - max_bad_fraction`` of t
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import random
@@ -50,29 +51,24 @@ from pathlib import Path
 from typing import NamedTuple
 
 import braceexpand
-import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
 
-from gpd_ds.data.shards import INDEX_NAME, MAX_IMAGE_PIXELS, image_size, parse_index
-from gpd_ds.errors import UserInputError
+from gpd_ds.data.decode import (
+    BadRate,
+    BadSample,
+    CpuDecode,
+    DataError,
+    decode,
+)
+from gpd_ds.data.device_decode import EncodedImages, PlanOnCpu
+from gpd_ds.data.shards import INDEX_NAME, MAX_IMAGE_PIXELS, parse_index
 from gpd_ds.preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _REMOTE = ("http://", "https://", "s3://", "gs://", "ais://", "hf://", "sftp://", "scp://", "ftps://")
-
-
-class DataError(UserInputError, RuntimeError):
-    """The data cannot be used as configured (names the input and the fix)."""
-
-
-class BadSample(Exception):
-    """One sample that cannot be decoded."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +85,7 @@ class ShardList:
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # (B, 3, H, W) uint8
+    images: torch.Tensor | EncodedImages  # (B, 3, H, W) uint8, or (data.decode=device) the files and crops
     labels: torch.Tensor  # (B,) int64
     keys: list[str]
     worker: int  # the (logical) worker that made it
@@ -247,65 +243,6 @@ def iter_shard(url: str, expected: int | None = None) -> Iterator[dict]:
                         "does not describe these shards: re-create it with `gpd-ds make-shards`")
 
 
-def decode(sample: dict, num_classes: int, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, int]:
-    """(3, H, W) uint8 RGB image and label of one sample; raises :class:`BadSample` with the reason.
-
-    torchvision (libjpeg-turbo) reads by content, so a PNG named .jpg is fine, and converts grayscale and CMYK
-    to RGB; a truncated JPEG raises. An image over ``max_pixels`` (width x height, from its header) is refused
-    before anything is decoded. Of an animated image (GIF, APNG) the first frame is the sample, and only that
-    frame is decoded for a GIF, so the pixel limit covers what is decoded."""
-    if "__bad__" in sample:
-        raise BadSample(sample["__bad__"])
-    image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-    if image_key is None:
-        found = sorted(k for k in sample if not k.startswith("__"))
-        raise BadSample(f"no image member (found {found})")
-    if "cls" not in sample:
-        raise BadSample("no .cls label member")
-    try:
-        label = int(sample["cls"])
-    except ValueError as e:
-        raise BadSample(f"label {sample['cls'][:20]!r} is not an integer") from e
-    if not 0 <= label < num_classes:
-        raise BadSample(f"label {label} outside [0, {num_classes})")
-    data = sample[image_key]
-    if not data:
-        raise BadSample(f"zero-byte .{image_key}")
-    try:
-        width, height = image_size(data)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise BadSample(f"cannot identify .{image_key} as an image: {str(e)[:200]}") from e
-    if width * height > max_pixels:
-        raise BadSample(f".{image_key} is {width}x{height} = {width * height:,} pixels, over "
-                        f"data.max_image_pixels={max_pixels:,}")
-    try:
-        if data[:6] in (b"GIF87a", b"GIF89a"):
-            return _first_frame(data), label
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise BadSample(f"cannot decode .{image_key}: {str(e).splitlines()[0][:200]}") from e
-    return (image[0] if image.ndim == 4 else image), label  # an animated image: its first frame
-
-
-def _first_frame(data: bytes) -> torch.Tensor:
-    """A GIF's first frame, the only one decoded (torchvision would decode every frame of an animated GIF; PIL's
-    ``Image.open(...).convert("RGB")``, which torchvision's and timm's folder datasets use, also takes the first)."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.seek(0)
-        rgb = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
-
-
-def _seed_everything(seed: int) -> None:
-    """Seed the RNGs torchvision and timm transforms draw from (torch CPU, random, numpy).
-
-    Only the CPU generator: ``torch.manual_seed`` also queues lazy CUDA/XPU/MTIA seeding, formatting a stack
-    trace each call (~1 ms per sample)."""
-    torch.default_generator.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
 def _mix(*values: int) -> int:
     """A stable 63-bit seed from integers (not Python's salted hash)."""
     h = 0x9E3779B97F4A7C15
@@ -313,37 +250,6 @@ def _mix(*values: int) -> int:
         h = ((h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 31
     return h & 0x7FFFFFFFFFFFFFFF
-
-
-# The bad-sample rule's minimum: before this many samples a reader judges nothing on its own (the first sample
-# being bad would be a 100% rate); at the end of an epoch or an evaluation the whole of it is judged regardless.
-BAD_RATE_MIN_SAMPLES = 200
-
-
-class BadRate:
-    """The one bad-sample rule of every loader (streaming train, in-memory, eval): each bad sample is logged
-    with its shard and key and counted; the run stops with a :class:`DataError` when more than ``max_fraction``
-    of the samples read so far were bad: checked on every bad sample once ``BAD_RATE_MIN_SAMPLES`` were read,
-    and over everything read at the end of each epoch / evaluation (``check(final=True)``)."""
-
-    def __init__(self, max_fraction: float, where: str, seen: int = 0, bad: int = 0) -> None:
-        self.max_fraction, self.where, self.seen, self.bad = max_fraction, where, seen, bad
-
-    def good(self) -> None:
-        self.seen += 1
-
-    def record(self, sample: dict, reason: BadSample) -> None:
-        self.seen += 1
-        self.bad += 1
-        log.warning("skipping bad sample %r in %s: %s", sample.get("__key__"), sample.get("__url__"), reason)
-        self.check()
-
-    def check(self, final: bool = False) -> None:
-        if (final or self.seen >= BAD_RATE_MIN_SAMPLES) and self.bad > self.max_fraction * self.seen:
-            raise DataError(
-                f"{self.bad} of {self.seen} samples read by {self.where} were bad (> data.max_bad_fraction="
-                f"{self.max_fraction}); check the shards (the warnings above name each bad sample), or raise "
-                "data.max_bad_fraction")
 
 
 class LoaderFailure(NamedTuple):
@@ -406,11 +312,11 @@ class TrainShards(IterableDataset):
     """The per-worker train stream (see the module docstring). Use :class:`TrainLoader`."""
 
     def __init__(self, shards: ShardList, *, batch_size: int, rank: int, world_size: int, num_workers: int,
-                 seed: int, transform: Callable, shuffle_buffer: int, max_bad_fraction: float,
+                 seed: int, reader: CpuDecode | PlanOnCpu, shuffle_buffer: int, max_bad_fraction: float,
                  max_pixels: int, repeats: int = 1) -> None:
         self.shards, self.batch_size, self.rank, self.world_size = shards, batch_size, rank, world_size
         self.workers, self.repeats = max(1, num_workers), repeats
-        self.seed, self.transform, self.shuffle_buffer = seed, transform, shuffle_buffer
+        self.seed, self.reader, self.shuffle_buffer = seed, reader, shuffle_buffer
         self.max_bad_fraction, self.max_pixels = max_bad_fraction, max_pixels
         self.epoch, self.start_batch = 0, 0
         self.start_positions, self.start_bad = [0] * self.workers, [0] * self.workers
@@ -542,24 +448,23 @@ class TrainShards(IterableDataset):
         start = self.start_positions[worker]
         counter = BadRate(self.max_bad_fraction, f"rank {self.rank} worker {worker}", start, self.start_bad[worker])
         base = _mix(self.seed, self.epoch, self.rank, worker, 2 if self.remainder is None else 4)
-        num_classes = len(self.shards.classes)
         images, labels, keys = [], [], []
         stream = self._stream(worker) if self.remainder is None else self._remainder_stream(worker)
         for position, sample in enumerate(stream):
             if position < start:
                 continue
             try:
-                image, label = decode(sample, num_classes, self.max_pixels)
+                image, label = self.reader(sample, base + position)
             except BadSample as e:
                 counter.record(sample, e)
                 continue
             counter.good()
-            _seed_everything(base + position)
-            images.append(self.transform(image))
+            images.append(image)
             labels.append(label)
             keys.append(sample["__key__"])
             if len(images) == self.batch_size:
-                yield Batch(*_stack(images, labels), keys, worker, position + 1, counter.bad)
+                yield Batch(self.reader.collate(images), torch.tensor(labels, dtype=torch.int64), keys, worker,
+                            position + 1, counter.bad)
                 images, labels, keys = [], [], []
                 done += 1
                 if done >= quota:
@@ -572,7 +477,7 @@ class TrainLoader:
     def __init__(self, shards: ShardList, *, batch_size: int, rank: int, world_size: int, transform: Callable,
                  num_workers: int = 4, seed: int = 0, shuffle_buffer: int = 1000, max_bad_fraction: float = 0.01,
                  max_pixels: int = MAX_IMAGE_PIXELS, pin_memory: bool = False, prefetch_factor: int = 2,
-                 repeated_aug: int = 1) -> None:
+                 repeated_aug: int = 1, decode: str = "cpu") -> None:
         slots = world_size * max(1, num_workers)
         if len(shards.urls) < slots:
             raise DataError(f"{len(shards.urls)} shards cannot feed {world_size} ranks x {max(1, num_workers)} "
@@ -582,8 +487,14 @@ class TrainLoader:
             raise DataError(f"batch_size {batch_size} must be >= 1")
         if repeated_aug < 1:
             raise DataError(f"data.repeated_aug={repeated_aug} must be >= 1 (1: off; DeiT and RVT use 3)")
+        if decode not in ("cpu", "device"):
+            raise DataError(f"decode={decode!r}: the train loader decodes on the 'cpu' (its workers) or the "
+                            "'device' (the rank's)")
+        num_classes = len(shards.classes)
+        reader = (PlanOnCpu(transform, num_classes, max_pixels) if decode == "device"
+                  else CpuDecode(transform, num_classes, max_pixels))
         self.dataset = TrainShards(shards, batch_size=batch_size, rank=rank, world_size=world_size,
-                                   num_workers=num_workers, seed=seed, transform=transform,
+                                   num_workers=num_workers, seed=seed, reader=reader,
                                    shuffle_buffer=shuffle_buffer, max_bad_fraction=max_bad_fraction,
                                    max_pixels=max_pixels, repeats=repeated_aug)
         if self.dataset.batches_per_epoch == 0:

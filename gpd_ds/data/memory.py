@@ -27,18 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from gpd_ds.data.loader import (
-    BadRate,
-    BadSample,
-    Batch,
-    DataError,
-    ShardList,
-    _mix,
-    _seed_everything,
-    _stack,
-    decode,
-    iter_shard,
-)
+from gpd_ds.data.decode import BadRate, BadSample, DataError, decode, seed_everything
+from gpd_ds.data.loader import Batch, ShardList, _mix, _stack, iter_shard
 from gpd_ds.data.shards import MAX_IMAGE_PIXELS
 from gpd_ds.preemption import ignore_stop_signals
 from gpd_ds.progress import Progress
@@ -101,7 +91,7 @@ class _EpochBatches(Dataset):
     def __getitem__(self, b: int) -> Batch:
         ld = self.loader
         idx = self.order[b * ld.batch_size:(b + 1) * ld.batch_size]
-        _seed_everything(_mix(ld.seed, ld.epoch, ld.rank, b, 3))
+        seed_everything(_mix(ld.seed, ld.epoch, ld.rank, b, 3))
         images, labels = _stack([ld.transform(ld.images[i]) for i in idx], ld.labels[idx].tolist())
         return Batch(images, labels, [str(i) for i in idx], 0, b + 1, ld.bad_samples)
 

@@ -51,6 +51,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
@@ -357,6 +358,35 @@ def image_header(data: bytes) -> tuple[str, str, int, int]:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers (they carry the frame size): C0-CF except DHT (C4), JPG (C8) and DAC (CC)
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+class JpegFrame(NamedTuple):
+    width: int
+    height: int
+    components: int  # 1 grayscale, 3 YCbCr (or RGB), 4 CMYK / YCCK
+    scan: int  # byte offset of the first start-of-scan marker (the compressed data follows it)
+
+
+def jpeg_frame(data: bytes) -> JpegFrame | None:
+    """A JPEG's frame header and where its first scan starts, by walking the marker segments (microseconds; no
+    decoding); None for anything else, or a header this walk does not understand."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, frame = 2, None
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        elif marker == 0xDA:  # start of scan: the frame header came before it
+            return frame._replace(scan=i) if frame is not None else None
+        else:
+            if marker in _JPEG_SOF and frame is None and i + 10 <= len(data):  # FF Cn, length, precision, h, w, Nf
+                frame = JpegFrame(int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big"),
+                                  data[i + 9], -1)
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
 
 
 def image_size(data: bytes) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from timm.data.transforms import str_to_pil_interp
 from torchvision.transforms import InterpolationMode, v2
 
 from gpd_ds.config import Augment
+from gpd_ds.data.device_decode import DeviceDecoder, EncodedImages
 
 
 class TensorTransform:
@@ -77,13 +78,14 @@ def eval_transform(image_size: int, crop_pct: float = 0.875, interpolation: str 
 class DeviceTransform:
     """uint8 batch -> normalised float batch (channels_last) and targets, with erasing and mixup if set.
 
-    Targets are class indices, or soft (B, K) distributions when mixup/cutmix or label smoothing is on.
+    Targets are class indices, or soft (B, K) distributions when mixup/cutmix or label smoothing is on. A batch of
+    encoded files (``data.decode=device``) is decoded and cropped first, by ``decoder``.
     """
 
     def __init__(self, num_classes: int, device: torch.device | str = "cpu", augment: Augment | None = None,
                  mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN, std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
-                 channels_last: bool = True) -> None:
-        self.device = torch.device(device)
+                 channels_last: bool = True, decoder: DeviceDecoder | None = None) -> None:
+        self.device, self.decoder = torch.device(device), decoder
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
         self.channels_last = channels_last
@@ -97,8 +99,13 @@ class DeviceTransform:
                                switch_prob=augment.mixup_switch_prob, label_smoothing=augment.label_smoothing,
                                num_classes=num_classes)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, train: bool = True
+    def __call__(self, images: torch.Tensor | EncodedImages, labels: torch.Tensor, train: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(images, EncodedImages):
+            if self.decoder is None:
+                raise ValueError("a batch of encoded images (data.decode=device) needs a DeviceTransform built with "
+                                 "a decoder")
+            images, labels = self.decoder(images, labels)
         x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -12,9 +12,10 @@ import torch
 from gpd_ds import distributed
 from gpd_ds.config import ConfigError, DataConfig, TrainConfig, split_kd
 from gpd_ds.data.demo import demo_dataset
+from gpd_ds.data.device_decode import DeviceDecoder
 from gpd_ds.data.loader import ShardList, TrainLoader, resolve_shards
 from gpd_ds.data.memory import MemoryTrainLoader
-from gpd_ds.data.transforms import DeviceTransform, train_transform
+from gpd_ds.data.transforms import DeviceTransform, TensorTransform, train_transform
 from gpd_ds.distributed import DistInfo
 from gpd_ds.ema import ModelEma, PartitionedEma
 from gpd_ds.engine import (
@@ -84,10 +85,25 @@ def find_data(data: DataConfig, info: DistInfo) -> tuple[ShardList, ShardList]:
     return train, val
 
 
-def build_train_loader(data: DataConfig, shards: ShardList, batch_size: int, seed: int, info: DistInfo
-                       ) -> TrainLoader | MemoryTrainLoader:
-    """The streaming loader, or the in-memory one (``data.in_memory``), for this rank."""
-    transform = train_transform(data.image_size, data.augment, data.mean)
+def decode_on(data: DataConfig, device: torch.device) -> tuple[str, str]:
+    """Where train images are decoded (``cpu`` or ``device``), and why: ``data.decode``, with ``auto`` resolved to
+    the device on CUDA unless the in-memory loader or a PIL auto-augment policy needs the CPU."""
+    if data.decode != "auto":
+        return data.decode, f"data.decode={data.decode}"
+    if device.type != "cuda":
+        return "cpu", f"data.decode=auto on a {device.type} device"
+    if data.in_memory:
+        return "cpu", "data.decode=auto: the in-memory loader decodes the split once, up front"
+    if data.augment.auto_augment:
+        return "cpu", (f"data.decode=auto: timm's {data.augment.auto_augment} policy works on PIL images in the "
+                       "loader workers")
+    return "device", "data.decode=auto on CUDA"
+
+
+def build_train_loader(data: DataConfig, shards: ShardList, batch_size: int, seed: int, info: DistInfo,
+                       transform: TensorTransform, decode: str = "cpu") -> TrainLoader | MemoryTrainLoader:
+    """The streaming loader, or the in-memory one (``data.in_memory``), for this rank; ``decode``: where its
+    images are decoded (:func:`decode_on`)."""
     if data.in_memory:
         return distributed.on_all_ranks(lambda: MemoryTrainLoader(
             shards, batch_size=batch_size, rank=info.rank, world_size=info.world_size, transform=transform,
@@ -96,7 +112,7 @@ def build_train_loader(data: DataConfig, shards: ShardList, batch_size: int, see
     return TrainLoader(shards, batch_size=batch_size, rank=info.rank, world_size=info.world_size, transform=transform,
                        num_workers=data.workers, seed=seed, shuffle_buffer=data.shuffle_buffer,
                        max_bad_fraction=data.max_bad_fraction, max_pixels=data.max_image_pixels,
-                       pin_memory=info.device.type == "cuda", repeated_aug=data.repeated_aug)
+                       pin_memory=info.device.type == "cuda", repeated_aug=data.repeated_aug, decode=decode)
 
 
 def load_static_teacher(cfg: TrainConfig, num_classes: int, info: DistInfo) -> StaticTeacher | None:
@@ -131,7 +147,15 @@ def build_components(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> Compo
     teacher_taps = ()
     if static_teacher is not None and split_kd(cfg.loss.kd)[1] != "none":
         teacher_taps = static_taps(static_teacher.model, cfg.model.static_teacher, cfg.loss)
-    loader = build_train_loader(cfg.data, train_shards, ds["train_micro_batch_size_per_gpu"], cfg.run.seed, info)
+    transform = train_transform(cfg.data.image_size, cfg.data.augment, cfg.data.mean)
+    decode, why = decode_on(cfg.data, info.device)
+    if info.is_main and not cfg.data.in_memory:
+        log.info("train images are decoded on the %s (%s)", "loader workers' CPUs" if decode == "cpu" else
+                 f"rank's {info.device.type} device", why)
+    loader = build_train_loader(cfg.data, train_shards, ds["train_micro_batch_size_per_gpu"], cfg.run.seed, info,
+                                transform, decode)
+    decoder = (DeviceDecoder(transform, info.device, cfg.data.max_bad_fraction, info.rank) if decode == "device"
+               else None)
     steps_per_epoch = _steps_per_epoch(loader, ds["gradient_accumulation_steps"])
     total_steps = steps_per_epoch * cfg.optim.epochs
     lr = effective_lr(cfg.optim, ds["train_batch_size"], finetune=cfg.scenario == "finetune")
@@ -153,7 +177,7 @@ def build_components(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> Compo
         engine=engine, ema=ema, static_teacher=static_teacher, static_taps=teacher_taps,
         loss_fn=GPDLoss.from_config(cfg.loss), loader=loader, val_shards=val_shards,
         device_tf=DeviceTransform(num_classes, info.device, cfg.data.augment, cfg.data.mean, cfg.data.std,
-                                  cfg.run.channels_last),
+                                  cfg.run.channels_last, decoder),
         autocast=autocast_fn(info.device, autocast_dtype(ds)), ds=ds, lr=lr, steps_per_epoch=steps_per_epoch,
         total_steps=total_steps, end_step=min(total_steps, cfg.run.max_steps or total_steps),
         classes=list(train_shards.classes))

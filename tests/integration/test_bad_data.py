@@ -17,15 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from gpd_ds.data.loader import (
-    BadSample,
-    DataError,
-    TrainLoader,
-    TrainShards,
-    decode,
-    eval_loader,
-    resolve_shards,
-)
+from gpd_ds.data.decode import BadSample, CpuDecode, DataError, decode
+from gpd_ds.data.loader import TrainLoader, TrainShards, eval_loader, resolve_shards
 from gpd_ds.data.memory import MemoryTrainLoader
 from gpd_ds.data.transforms import Augment, DeviceTransform, eval_transform, train_transform
 from gpd_ds.evaluate import evaluate
@@ -162,7 +155,8 @@ def _train_first_pass(root: Path, world: int, workers: int) -> tuple[int, int, i
     read = bad = 0
     for rank in range(world):
         ds = TrainShards(shards, batch_size=1, rank=rank, world_size=world, num_workers=workers, seed=0,
-                         transform=lambda x: x, shuffle_buffer=7, max_bad_fraction=1.0, max_pixels=89_478_485)
+                         reader=CpuDecode(lambda x: x, len(CLASSES)), shuffle_buffer=7, max_bad_fraction=1.0,
+                         max_pixels=89_478_485)
         for worker in range(workers):
             share = sum(length for _, length in ds._own_shards(rank, worker))
             stream = ds._emissions(rank, worker)
