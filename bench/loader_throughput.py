@@ -6,6 +6,13 @@ and, for 2 workers, a float-normalising worker (ToTensor + Normalize in the work
 With ``--cifar PATH_TO_TGZ`` also CIFAR-10 (32 px) from the shared JPEG copy. Goal: >= 600 img/s per core.
 The ViT recipe's repeated augmentation (x3) is measured against the same rank without it.
 
+The cheaper modes (issue: feed the GPUs), each against the CPU pipeline in the same run:
+
+* ``data.decode=device``: the workers' CPU work per image (read the tar member, check it, draw its crop); the
+  decode and crop then run on the rank's GPU. Also timed: that rank-side work on this CPU (what a GPU takes over).
+* bounded-resolution shards (``make-shards --max-side N``): the same images stored at a longer side of N, decoded
+  on the CPU. Goal for the cheapest mode: >= 800 img/s per core of CPU work for the CNN recipe.
+
     python bench/loader_throughput.py [--images 2000] [--cifar ../shared/data/cifar10-jpeg.tar.gz]
 """
 
@@ -24,6 +31,7 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from gpd_ds.data.device_decode import DeviceDecoder
 from gpd_ds.data.loader import TrainLoader, resolve_shards
 from gpd_ds.data.shards import INDEX_NAME, make_shards
 from gpd_ds.data.transforms import Augment, train_transform
@@ -38,9 +46,14 @@ def _photo_like(rng: np.random.Generator, width: int = 500, height: int = 375) -
     return buf.getvalue()
 
 
-def imagenet_like_shards(root: Path, images: int) -> Path:
-    out = root / f"imagenet-like-{images}"
+def imagenet_like_shards(root: Path, images: int, max_side: int | None = None) -> Path:
+    out = root / f"imagenet-like-{images}" if max_side is None else root / f"imagenet-like-{images}-max{max_side}"
     if (out / INDEX_NAME).is_file():
+        return out
+    if max_side is not None:
+        imagenet_like_shards(root, images)  # the source tree
+        make_shards(root / f"imagenet-like-src-{images}", out, "train", shard_size=max(1, images // 20),
+                    progress=False, max_side=max_side)
         return out
     rng = np.random.default_rng(0)
     src = root / f"imagenet-like-src-{images}"
@@ -75,20 +88,34 @@ class FloatInWorker:
 
 
 def measure(shards_dir: Path, size: int, workers: int, batch: int, float_in_worker: bool = False,
-            augment: Augment | None = None, world: int = 1, repeats: int = 1) -> float:
+            augment: Augment | None = None, world: int = 1, repeats: int = 1, decode: str = "cpu") -> float:
     shards = resolve_shards(str(shards_dir), "train")
     transform = train_transform(size, augment or Augment())
     if float_in_worker:
         transform = FloatInWorker(transform)
     loader = TrainLoader(shards, batch_size=batch, rank=0, world_size=world, num_workers=workers,
-                         transform=transform, shuffle_buffer=256, repeated_aug=repeats)
+                         transform=transform, shuffle_buffer=256, repeated_aug=repeats, decode=decode)
     start, n, first = time.perf_counter(), 0, None
     for b in loader:
         if first is None:  # exclude worker start-up and the first batch
             first, start = True, time.perf_counter()
             continue
-        n += b.images.shape[0]
+        n += len(b.keys)
     return n / (time.perf_counter() - start)
+
+
+def measure_rank_decode(shards_dir: Path, size: int, batch: int) -> float:
+    """img/s of the rank's side of data.decode=device (decode, crop, flip, stack) on this CPU, one thread."""
+    shards = resolve_shards(str(shards_dir), "train")
+    transform = train_transform(size, Augment())
+    loader = TrainLoader(shards, batch_size=batch, rank=0, world_size=1, num_workers=1, transform=transform,
+                         shuffle_buffer=256, decode="device")
+    decoder, seconds, n = DeviceDecoder(transform, "cpu"), 0.0, 0
+    for b in loader:
+        start = time.perf_counter()
+        decoder(b.images, b.labels)
+        seconds, n = seconds + time.perf_counter() - start, n + len(b.keys)
+    return n / seconds
 
 
 def main() -> None:
@@ -97,6 +124,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "gpd_ds_bench"))
     parser.add_argument("--cifar", default=None, help="path to cifar10-jpeg.tar.gz (optional)")
+    parser.add_argument("--max-sides", type=int, nargs="*", default=[400, 320],
+                        help="bounded-resolution shards to measure (make-shards --max-side)")
+    parser.add_argument("--only-new", action="store_true", help="only the device-decode and bounded-shard rows "
+                        "(with the CPU pipeline's row to compare)")
     args = parser.parse_args()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -106,6 +137,11 @@ def main() -> None:
     sizes = [p.stat().st_size for p in list((cache / f"imagenet-like-src-{args.images}").rglob("*.JPEG"))[:200]]
     print(f"ImageNet-like JPEGs: 500x375, mean {np.mean(sizes) / 1024:.0f} KB")
     print(f"{'data':16}{'workers':>8}{'output':>10}{'img/s':>9}{'img/s/worker':>14}")
+    if args.only_new:
+        rate = measure(imagenet, 224, 2, args.batch)
+        print(f"{'imagenet-like':16}{2:8d}{'uint8':>10}{rate:9.0f}{rate / 2:14.0f}   (CPU pipeline, the baseline)")
+        new_modes(cache, imagenet, args)
+        return
     for workers in (1, 2):
         rate = measure(imagenet, 224, workers, args.batch)
         print(f"{'imagenet-like':16}{workers:8d}{'uint8':>10}{rate:9.0f}{rate / workers:14.0f}")
@@ -119,11 +155,41 @@ def main() -> None:
         rate = measure(imagenet, 224, 2, args.batch, augment=deit, world=3, repeats=repeats)
         print(f"{'+RA x' + str(repeats) + ' (0 of 3)':16}{2:8d}{'uint8':>10}{rate:9.0f}{rate / 2:14.0f}   (ViT recipe, "
               "rank 0 of 3)")
+    new_modes(cache, imagenet, args)
     if args.cifar:
         cifar = cifar_shards(cache, Path(args.cifar))
         for workers in (1, 2):
             rate = measure(cifar, 32, workers, 256)
             print(f"{'cifar10 32px':16}{workers:8d}{'uint8':>10}{rate:9.0f}{rate / workers:14.0f}")
+
+
+def new_modes(cache: Path, imagenet: Path, args: argparse.Namespace) -> None:
+    """data.decode=device (the workers' share) and bounded-resolution shards, CNN and ViT recipes."""
+    for workers in (1, 2):
+        rate = measure(imagenet, 224, workers, args.batch, decode="device")
+        print(f"{'imagenet-like':16}{workers:8d}{'files':>10}{rate:9.0f}{rate / workers:14.0f}   (data.decode=device: "
+              "the workers' share)")
+    rate = measure_rank_decode(imagenet, 224, args.batch)
+    print(f"{'imagenet-like':16}{'rank':>8}{'uint8':>10}{rate:9.0f}{rate:14.0f}   (data.decode=device: the rank's "
+          "decode + crop, here on 1 CPU thread)")
+    deit = Augment(auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic")
+    for side in args.max_sides:
+        bounded = imagenet_like_shards(cache, args.images, max_side=side)
+        mean_kb = np.mean(_member_sizes(bounded)) / 1024
+        rate = measure(bounded, 224, 2, args.batch)
+        print(f"{f'max-side {side}':16}{2:8d}{'uint8':>10}{rate:9.0f}{rate / 2:14.0f}   (CNN recipe; "
+              f"{mean_kb:.0f} KB per image)")
+        rate = measure(bounded, 224, 2, args.batch, augment=deit)
+        print(f"{f'max-side {side}':16}{2:8d}{'uint8':>10}{rate:9.0f}{rate / 2:14.0f}   (+RandAugment, ViT recipe)")
+
+
+def _member_sizes(shards_dir: Path) -> list[int]:
+    import tarfile as tf
+    sizes = []
+    for shard in sorted(shards_dir.glob("*.tar"))[:2]:
+        with tf.open(shard) as t:
+            sizes += [m.size for m in t if m.name.endswith(".jpg")]
+    return sizes
 
 
 if __name__ == "__main__":
