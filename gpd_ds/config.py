@@ -203,7 +203,9 @@ class RunConfig:
     channels_last: bool = True
     eval_at_start: bool = True  # the starting accuracies: the baseline of the dynamic teacher's growth
     activation_checkpointing: bool = False  # recompute each block in backward (gpd/checkpointing.py): less memory
-    compile: bool = False  # torch.compile the GPD model (engine.compile) and the static teacher; see BENCHMARKS.md
+    # torch.compile the trained model (engine.compile) and the static teacher: true, false, or auto (on where it was
+    # verified equal and faster: train/compile_policy.py, BENCHMARKS.md; off elsewhere, with a log line saying why)
+    compile: bool | str = "auto"
 
 
 @dataclass
@@ -470,6 +472,8 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("run.max_steps", _optional(_AT_LEAST_ONE), "use >= 1 optimizer steps, or none to train all epochs"),
     ("run.max_nonfinite_steps", _at_least(0), "use 0 (stop at the first non-finite loss) or more"),
     ("track.wandb", _one_of("auto", "online", "offline", "disabled"), "use auto, online, offline or disabled"),
+    ("run.compile", lambda v: v in (True, False, "auto"), "use true, false or auto (on where verified: "
+     "BENCHMARKS.md)"),
     ("track.project", _nonempty, "name the W&B project, e.g. gpd_ds"),
     ("track.entity", _optional(_nonempty), "name the W&B entity, or none"),
     ("track.name", _optional(_nonempty), "name the W&B run, or none (the run directory's name)"),
@@ -555,7 +559,13 @@ def _parse(text: str, kind: Any, key: str) -> Any:
             if type(None) in args:
                 return None
             raise ConfigError(f"{key} cannot be none")
-        return _parse(text, next(a for a in args if a is not type(None)), key)
+        kinds = [a for a in args if a is not type(None)]
+        for kind in kinds[:-1]:  # in the order written (bool | str: "true" is True, "auto" the string)
+            try:
+                return _parse(text, kind, key)
+            except ConfigError:
+                continue
+        return _parse(text, kinds[-1], key)
     try:
         if kind is bool:
             if text.lower() in ("1", "true", "yes", "on"):

@@ -32,6 +32,7 @@ from gpd_ds.gpd.checkpointing import enable_activation_checkpointing
 from gpd_ds.losses import GPDLoss
 from gpd_ds.models.build import build_model
 from gpd_ds.models.teacher import StaticTeacher, build_static_teacher
+from gpd_ds.train.compile_policy import compile_decision
 from gpd_ds.train.step import Autocast, autocast_fn
 
 log = logging.getLogger("gpd_ds")
@@ -170,7 +171,10 @@ def build_components(cfg: TrainConfig, ds_config: dict, info: DistInfo) -> Compo
     ema = None
     if cfg.optim.ema_decay:  # after the engine has broadcast rank 0's weights (and, ZeRO-3, partitioned them)
         ema = (PartitionedEma if zero_stage(ds) == 3 else ModelEma)(engine.module, cfg.optim.ema_decay)
-    if cfg.run.compile:
+    compile_on, why = compile_decision(cfg.run.compile, cfg.model.student, info.device, zero_stage(ds))
+    if info.is_main:
+        log.info("torch.compile %s: %s", "on" if compile_on else "off", why)
+    if compile_on:
         engine.compile()
         static_teacher = torch.compile(static_teacher) if static_teacher is not None else None
     return Components(

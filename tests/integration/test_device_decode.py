@@ -196,7 +196,9 @@ def test_training_through_device_decoding_equals_the_cpu_pipeline_and_resumes_bi
     part = single(workspace, ["--run-dir", str(device), *args, "--set", "data.decode=device", "--set",
                               "run.max_steps=7"])
     check(part)
-    assert "train images are decoded on the rank's cpu device (data.decode=device)" in part.stdout + part.stderr
+    log = part.stdout + part.stderr
+    assert "train images are decoded on the rank's cpu device (data.decode=device)" in log
+    assert "torch.compile off: run.compile=auto: off on a cpu device" in log  # the default, and why
     check(single(workspace, ["--run-dir", str(device), *args, "--set", "data.decode=device", "--resume", "auto"]))
     expected = train_losses(cpu)
     assert len(expected) == 20
