@@ -79,7 +79,9 @@ def _sync(device: torch.device) -> None:
 
 
 def run_summary(run: Path, skip: int) -> tuple[float, list[tuple[int, float]]]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    """(median img/s after ``skip`` logs, [(step, loss)]); (nan, []) for a run that wrote no metrics (see its log)."""
+    metrics = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     rates = [r["train/images_per_s"] for r in rows if "train/images_per_s" in r][skip:]
     losses = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
     return (statistics.median(rates) if rates else float("nan")), losses
@@ -141,8 +143,8 @@ def main() -> None:
             worst = max((abs(a[1] - b[1]) / max(abs(a[1]), 1e-12) for a, b in zip(eager, compiled, strict=False)),
                         default=float("nan"))
             verified = steps > 0 and worst <= args.rtol and compiled_rate > eager_rate
-            print(f"compiled / eager: {compiled_rate / eager_rate:.3f}x img/s; largest relative loss difference "
-                  f"over {steps} steps {worst:.2e} (tolerance {args.rtol}): "
+            print(f"compiled / eager: {compiled_rate / eager_rate:.3f}x img/s (nan: a run failed, see its log); "
+                  f"largest relative loss difference over {steps} steps {worst:.2e} (tolerance {args.rtol}): "
                   f"{'verified' if verified else 'NOT verified'}")
 
 

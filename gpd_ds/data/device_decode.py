@@ -104,7 +104,8 @@ class PlanOnCpu:
     def __call__(self, sample: dict, seed: int) -> tuple[PlannedImage, int]:
         image = checked_image(sample, self.num_classes, self.max_pixels)
         frame = jpeg_frame(image.data)
-        if frame is not None and image.data.find(_END_OF_IMAGE, frame.scan) < 0:
+        # from the end, where the marker is: a forward search stalls on the 0xFF bytes of the scan data (~0.4 ms)
+        if frame is not None and image.data.rfind(_END_OF_IMAGE) < frame.scan:
             raise BadSample(f"truncated .{image.key}: no end-of-image marker after its scan data")
         seed_everything(seed)
         params = draw_params(self.ops, image.height, image.width)
