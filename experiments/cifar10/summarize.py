@@ -218,6 +218,22 @@ def train_hours(r: dict, images: int = 10_000) -> float:
     return r["final"]["epoch"] * images / r["train_images_per_s"] / 3600
 
 
+def cost_points(arms: dict[str, dict[int, dict]]) -> dict[int, list[tuple[float, float, float]]]:
+    """{index in ``COST_CURVES``: [(training minutes, mean top-1, 95% t half-width)]} of the curves with results."""
+    curves = {}
+    for i, (_, names) in enumerate(COST_CURVES):
+        points = []
+        for name in (n for n in names if n in arms):
+            runs = list(arms[name].values())
+            top1 = [final(r) for r in runs]
+            ci = t_interval(top1)
+            points.append((60 * statistics.mean(train_hours(r) for r in runs), statistics.mean(top1),
+                           ci[2] - ci[0] if ci else 0.0))  # (mean, low, high): the half-width
+        if points:
+            curves[i] = points
+    return curves
+
+
 def cost_plot(arms: dict[str, dict[int, dict]], images: Path, suffix: str = "") -> Path | None:
     """Student top-1 (mean over seeds, 95% t-interval) against training minutes (mean over seeds)."""
     import matplotlib
@@ -225,24 +241,15 @@ def cost_plot(arms: dict[str, dict[int, dict]], images: Path, suffix: str = "") 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = False
-    for i, (label, names) in enumerate(COST_CURVES):
-        points = []
-        for name in (n for n in names if n in arms):
-            runs = list(arms[name].values())
-            top1 = [final(r) for r in runs]
-            ci = t_interval(top1)
-            points.append((60 * statistics.mean(train_hours(r) for r in runs), statistics.mean(top1),
-                           (ci[2] - ci[0]) / 2 if ci else 0.0))
-        if points:
-            xs, ys, errs = zip(*points, strict=True)
-            ax.errorbar(xs, ys, yerr=errs, fmt="s--" if names[0].startswith("v_") else "o-", color=f"C{i}",
-                        capsize=3, label=label)
-            drawn = True
-    if not drawn:
-        plt.close(fig)
+    curves = cost_points(arms)
+    if not curves:
         return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, points in curves.items():
+        label, names = COST_CURVES[i]
+        xs, ys, errs = zip(*points, strict=True)
+        ax.errorbar(xs, ys, yerr=errs, fmt="s--" if names[0].startswith("v_") else "o-", color=f"C{i}", capsize=3,
+                    label=label)
     ax.set(xlabel="training minutes per run (this 2-core machine, 1 thread, 2 runs at once)",
            ylabel="student test top-1 (%)", title="accuracy against cost (mean over seeds, 95% t-interval)")
     ax.legend(fontsize=8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -135,6 +136,10 @@ def test_the_cost_plot_places_each_arm_at_its_training_time(tmp_path: Path) -> N
             (tmp_path / f"{arm}_s{seed}.json").write_text(json.dumps(r))
     arms, _ = summarize.load(tmp_path)
     assert summarize.train_hours(arms["a_kd_long"][1]) == pytest.approx(44 * 10_000 / 600 / 3600)
+    kd = summarize.cost_points(arms)[1]  # COST_CURVES[1]: KD at 20 and 44 epochs; top-1 71 and 72 on the 2 seeds
+    half = 12.706 * statistics.stdev([71.0, 72.0]) / math.sqrt(2)  # the 95% t-interval's half-width, 1 d.f.
+    assert kd == [pytest.approx((20 * 10_000 / 600 / 60, 71.5, half), rel=1e-4),
+                  pytest.approx((44 * 10_000 / 600 / 60, 71.5, half), rel=1e-4)]
     assert summarize.cost_plot(arms, tmp_path / "img", "_x") == tmp_path / "img" / "cifar10_cost_x.png"
     assert (tmp_path / "img" / "cifar10_cost_x.png").stat().st_size > 0
 
