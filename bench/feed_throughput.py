@@ -4,6 +4,7 @@ of training runs (img/s, and the losses of a compiled run against an eager one).
     python bench/feed_throughput.py write DIR --images 4096          # ImageNet-like JPEG shards, train + val
     python bench/feed_throughput.py teacher resnet34 FILE.safetensors  # a random static teacher (timing only)
     python bench/feed_throughput.py loader DIR --device cuda --workers 4 8
+    python bench/feed_throughput.py pixels DIR --device cuda           # device-decoded crops vs the CPU pipeline's
     python bench/feed_throughput.py runs RUN_DIR [RUN_DIR ...] [--compare EAGER COMPILED]
 
 ``loader``: for each ``data.decode`` (cpu: workers decode and crop; device: workers read and draw, the device
@@ -73,6 +74,25 @@ def loader_rate(data: Path, device: torch.device, decode: str, workers: int, bat
     return n / (time.perf_counter() - start)
 
 
+def pixel_difference(data: Path, device: torch.device, batches: int, size: int) -> str:
+    """How far the device path's uint8 crops are from the CPU pipeline's for the same samples and draws."""
+    shards = resolve_shards(str(data), "train")
+    transform = train_transform(size, Augment(color_jitter=0.4))
+    args = {"batch_size": 32, "rank": 0, "world_size": 1, "num_workers": 2, "transform": transform, "seed": 0}
+    on_cpu, on_device = TrainLoader(shards, **args), TrainLoader(shards, **args, decode="device")
+    decoder = DeviceDecoder(transform, device)
+    diffs = []
+    for i, (a, b) in enumerate(zip(on_cpu, on_device, strict=False)):
+        images, _ = decoder(b.images, b.labels)
+        diffs.append((images.cpu().int() - a.images.int()).abs().flatten())
+        if i + 1 == batches:
+            break
+    d = torch.cat(diffs)
+    return (f"{d.numel():,} pixel values of {len(diffs) * 32} crops at {size} px: max |difference| {int(d.max())}, "
+            f"mean {d.float().mean():.3f} levels, {100 * (d > 0).float().mean():.2f}% differ, "
+            f"{100 * (d > 2).float().mean():.3f}% by more than 2")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -105,6 +125,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batches", type=int, default=15, help="batches timed (after the first)")
+    p = sub.add_parser("pixels")
+    p.add_argument("data", type=Path)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=224)
     p = sub.add_parser("runs")
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("--skip", type=int, default=1, help="first logged rates left out (start-up, compile)")
@@ -125,6 +150,8 @@ def main() -> None:
         except TypeError:  # not a ViT: no input size in its constructor
             model = create_model(args.name, num_classes=args.num_classes)
         save_file(model.state_dict(), str(args.out))
+    elif args.cmd == "pixels":
+        print(pixel_difference(args.data, torch.device(args.device), args.batches, args.image_size))
     elif args.cmd == "loader":
         device = torch.device(args.device)
         print(f"cpu cores {os.cpu_count()}, device {device}, torch {torch.__version__}")

@@ -34,6 +34,9 @@ data=$(python3 bench/feed_throughput.py write "$OUT/data" --images "$images" | t
 # 2. loader -> normalised batches on the device, CPU vs device decoding                      (~1 min)
 timeout "$(limit 120)" python3 bench/feed_throughput.py loader "$data" --device "$DEVICE" --workers "${workers[@]}" \
     --batch "$batch" --image-size "$size" 2>&1 | tee "$OUT/loader.txt" || true
+# 2b. the device path's crops against the CPU pipeline's (the tolerance README.md states: nvJPEG and the CUDA resize)
+timeout "$(limit 60)" python3 bench/feed_throughput.py pixels "$data" --device "$DEVICE" --image-size "$size" 2>&1 \
+    | tee "$OUT/pixels.txt" || true
 # one GPD training run on the shards (ZeRO-0: one GPU); $1 run name, $2 student, $3 static teacher (random weights:
 # these runs time steps and compare losses, they do not learn anything), rest: --set pairs
 train() {
