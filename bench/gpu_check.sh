@@ -12,22 +12,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 BUDGET="${GPU_CHECK_SECONDS:-360}"
-mkdir -p "$OUT"
-if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-else
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled GPD_DS_CACHE="$OUT/cache"
+# shellcheck source=bench/device_env.sh
+. bench/device_env.sh   # wheels, environment, limit
 if [ "$DEVICE" = cuda ]; then
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
     size=(--image-size 224 --batch 256 --steps 10 --rounds 3)
 else
     size=(--image-size 64 --batch 16 --steps 2 --rounds 2)
 fi
-# at most $1 seconds, and never past the budget
-limit() { local left=$((BUDGET - SECONDS)); echo $(( left < $1 ? (left > 5 ? left : 5) : $1 )); }
 python3 -c "import torch, deepspeed, timm; print(torch.__version__, deepspeed.__version__, timm.__version__)" \
     | tee "$OUT/versions.txt"
 

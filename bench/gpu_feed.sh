@@ -11,21 +11,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-$PWD/gpu_feed_out}"
 DEVICE="${GPU_FEED_DEVICE:-cuda}"
 BUDGET="${GPU_FEED_SECONDS:-540}"
-mkdir -p "$OUT"
-if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-else
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled GPD_DS_CACHE="$OUT/cache"
+# shellcheck source=bench/device_env.sh
+. bench/device_env.sh   # wheels, environment, limit
 if [ "$DEVICE" = cuda ]; then
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
     images=4096; size=224; batch=256; steps=60; log=5; workers=(4 8 12); cnn=(resnet18 resnet34); vit=(deit_tiny_patch16_224 deit_small_patch16_224)
 else
     images=96; size=64; batch=8; steps=8; log=2; workers=(1 2); cnn=(test_resnet test_resnet); vit=(test_vit test_vit)
 fi
-limit() { local left=$((BUDGET - SECONDS)); echo $(( left < $1 ? (left > 5 ? left : 5) : $1 )); }
 python3 -c "import torch, deepspeed, timm; print(torch.__version__, deepspeed.__version__, timm.__version__)" \
     | tee "$OUT/versions.txt"
 

@@ -184,10 +184,9 @@ def new_modes(cache: Path, imagenet: Path, args: argparse.Namespace) -> None:
 
 
 def _member_sizes(shards_dir: Path) -> list[int]:
-    import tarfile as tf
     sizes = []
     for shard in sorted(shards_dir.glob("*.tar"))[:2]:
-        with tf.open(shard) as t:
+        with tarfile.open(shard) as t:
             sizes += [m.size for m in t if m.name.endswith(".jpg")]
     return sizes
 
